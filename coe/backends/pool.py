@@ -1,0 +1,160 @@
+"""The live backends: one pooled HTTP client per configured server, plus the
+managed vLLM processes coe launched, reconciled with the registry on each reload.
+
+Reconciling (not rebuilding) matters: a registry edit that touches one expert
+must not restart a vLLM process that takes a minute to come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from coe.backends.base import ExpertBackend
+from coe.backends.launch import ManagedVLLM
+from coe.backends.vllm_http import VLLMBackend, make_client, server_root
+from coe.config import BackendConfig
+from coe.errors import BackendUnavailable, ConfigError
+
+log = logging.getLogger("coe.backends")
+
+TransportFactory = Callable[[str], httpx.AsyncBaseTransport | None]
+"""Given a backend name, the transport its client should use (None: real network)."""
+
+
+@dataclass
+class BackendRuntime:
+    name: str
+    config: BackendConfig
+    api: ExpertBackend
+    managed: ManagedVLLM | None
+    limit: asyncio.Semaphore
+    base_url: str
+    healthy: bool | None = None
+    adapter_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    def adapter_lock(self, adapter: str) -> asyncio.Lock:
+        """One lock per adapter name: loads and unloads of one adapter never interleave."""
+        return self.adapter_locks.setdefault(adapter, asyncio.Lock())
+
+    @property
+    def state(self) -> str:
+        if self.managed is not None:
+            return self.managed.state
+        return {True: "healthy", False: "unhealthy", None: "unknown"}[self.healthy]
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.state == "healthy"
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"state": self.state, "url": self.base_url, "managed": self.managed is not None}
+        if self.managed is not None:
+            info["restarts"] = self.managed.restarts
+            info["pid"] = self.managed.pid
+        return info
+
+
+class BackendPool:
+    def __init__(self, *, transport_factory: TransportFactory | None = None, python: str = sys.executable,
+                 health_interval_s: float = 2.0) -> None:
+        self._transport_factory = transport_factory
+        self._python = python
+        self._health_interval_s = health_interval_s
+        self._backends: dict[str, BackendRuntime] = {}
+        self._health_task: asyncio.Task[None] | None = None
+
+    def get(self, name: str) -> BackendRuntime:
+        backend = self._backends.get(name)
+        if backend is None:
+            raise BackendUnavailable(f"backend {name!r} is not configured", retry_after=30)
+        return backend
+
+    def all(self) -> dict[str, BackendRuntime]:
+        return dict(self._backends)
+
+    def _api_key(self, name: str, cfg: BackendConfig) -> str | None:
+        if cfg.api_key_env is None:
+            return None
+        key = os.environ.get(cfg.api_key_env)
+        if not key:
+            raise ConfigError([f"backends.{name}.api_key_env: environment variable {cfg.api_key_env} is not set"])
+        return key
+
+    def _build(self, name: str, cfg: BackendConfig, managed: ManagedVLLM | None) -> BackendRuntime:
+        if cfg.launch is not None:
+            if managed is None:
+                managed = ManagedVLLM(name, cfg.launch, python=self._python)
+            root = managed.base_url
+        else:
+            assert cfg.url is not None
+            root = server_root(cfg.url)
+        transport = self._transport_factory(name) if self._transport_factory else None
+        client = make_client(root, cfg.timeouts, self._api_key(name, cfg), cfg.max_concurrency, transport)
+        return BackendRuntime(name=name, config=cfg, api=VLLMBackend(name, client), managed=managed,
+                              limit=asyncio.Semaphore(cfg.max_concurrency), base_url=root)
+
+    async def reconcile(self, configs: dict[str, BackendConfig]) -> None:
+        """Make the live backends match ``configs``: start new ones, stop removed ones,
+        rebuild changed ones (restarting a managed process only if its ``launch`` changed)."""
+        for name in configs:  # validate every key up front so a bad reload changes nothing
+            self._api_key(name, configs[name])
+        for name in list(self._backends):
+            if name not in configs:
+                log.info("backend %s removed", name)
+                await self._close(self._backends.pop(name))
+        for name, cfg in configs.items():
+            old = self._backends.get(name)
+            if old is not None and old.config == cfg:
+                continue
+            keep = old.managed if old is not None and old.config.launch == cfg.launch else None
+            if old is not None:
+                await old.api.aclose()
+                if keep is None and old.managed is not None:
+                    await old.managed.stop()
+            runtime = self._build(name, cfg, keep)
+            if runtime.managed is not None and keep is None:
+                log.info("starting managed vLLM backend %s on %s (log: %s)", name, runtime.base_url,
+                         runtime.managed.log_file)
+                await runtime.managed.start()
+            self._backends[name] = runtime
+        if self._health_task is None:
+            self._health_task = asyncio.create_task(self._health_loop(), name="coe-backend-health")
+
+    async def check_health(self) -> None:
+        """Poll every remote backend once (managed ones are watched by their own monitor)."""
+        async def one(b: BackendRuntime) -> None:
+            ok = await b.api.health()
+            if ok != b.healthy:
+                log.log(logging.INFO if ok else logging.WARNING, "backend %s is %s", b.name,
+                        "healthy" if ok else "unhealthy")
+            b.healthy = ok
+        await asyncio.gather(*(one(b) for b in self._backends.values() if b.managed is None))
+
+    async def _health_loop(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self.check_health()
+            await asyncio.sleep(self._health_interval_s)
+
+    async def _close(self, backend: BackendRuntime) -> None:
+        await backend.api.aclose()
+        if backend.managed is not None:
+            await backend.managed.stop()
+
+    async def aclose(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+            self._health_task = None
+        backends, self._backends = list(self._backends.values()), {}
+        await asyncio.gather(*(self._close(b) for b in backends))

@@ -1,0 +1,143 @@
+"""The ``coe`` command line. Every command takes ``--config`` (default ``./experts.yaml``).
+
+Errors print one clear message per problem to stderr and exit non-zero; no
+traceback for expected failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from coe.config import RegistryConfig
+from coe.errors import CoeError, ConfigError
+from coe.loader import load_registry
+
+DEFAULT_CONFIG = "experts.yaml"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def describe_registry(cfg: RegistryConfig) -> str:
+    backends = [[name, "launch" if b.launch else "url", str(b.launch.model if b.launch else b.url)]
+                for name, b in cfg.backends.items()]
+    experts = [[e.name, e.backend, e.model, e.adapter.name if e.adapter else "-",
+                ",".join(e.categories) or "-", f"{e.cost.input_per_mtok:g}/{e.cost.output_per_mtok:g}"]
+               for e in cfg.experts]
+    out = [_table(backends, ["BACKEND", "KIND", "TARGET"]) if backends else "(no backends)", ""]
+    out.append(_table(experts, ["EXPERT", "BACKEND", "MODEL", "ADAPTER", "CATEGORIES", "USD/MTOK IN/OUT"])
+               if experts else "(no experts)")
+    auth = cfg.auth
+    out += ["", f"router: {cfg.router.strategy}; client auth: {'on' if auth.client_auth else 'OFF'}; "
+                f"admin auth: {'on' if auth.admin_auth else 'OFF'}"]
+    return "\n".join(out)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = load_registry(args.config)
+    from routers import make_router
+
+    make_router(cfg.router)
+    print(describe_registry(cfg))
+    print(f"\n{args.config}: ok ({len(cfg.experts)} experts, {len(cfg.backends)} backends)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from coe.logs import configure
+    from routers import make_router
+    from services.api import create_app
+    from services.api.auth import resolve_keys
+
+    configure(args.log_level)
+    cfg = load_registry(args.config)  # fail fast, with the file's own error lines
+    make_router(cfg.router)
+    resolve_keys(cfg.auth)
+    app = create_app(args.config)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=args.drain_timeout, lifespan="on")
+    server = uvicorn.Server(config)
+    logging.getLogger("coe").info("serving %s on http://%s:%d/v1", args.config, args.host, args.port)
+    server.run()
+    return 0 if server.started else 1
+
+
+def cmd_build_tiny(args: argparse.Namespace) -> int:
+    from coe.models.tiny import build_tiny
+
+    model = build_tiny(Path(args.dir), adapters=args.adapters, seed=args.seed)
+    print(f"tiny model: {model.path} (served name {model.served_name})")
+    for name, path in model.adapters.items():
+        print(f"adapter {name}: {path}")
+    return 0
+
+
+def cmd_build_gemma(args: argparse.Namespace) -> int:
+    from coe.models.gemma import build_gemma
+
+    print(f"gemma 3 270m: {build_gemma(Path(args.dir))}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coe", description="Composition-of-experts gateway for vLLM experts")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(p: argparse.ArgumentParser, fn: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        p.add_argument("--config", default=DEFAULT_CONFIG, help="registry file (default: ./experts.yaml)")
+        p.set_defaults(fn=fn)
+        return p
+
+    serve = command(sub.add_parser("serve", help="run the OpenAI-compatible API server"), cmd_serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="seconds to let in-flight requests finish on SIGTERM")
+
+    experts = sub.add_parser("experts", help="inspect the registry").add_subparsers(
+        dest="experts_command", required=True, metavar="SUBCOMMAND")
+    command(experts.add_parser("validate", help="check the registry; print it, or every error (exit 1)"),
+            cmd_validate)
+
+    models = sub.add_parser("models", help="build local models offline").add_subparsers(
+        dest="models_command", required=True, metavar="SUBCOMMAND")
+    tiny = command(models.add_parser("build-tiny", help="a tiny random Llama (+ LoRA adapters) for tests"),
+                   cmd_build_tiny)
+    tiny.add_argument("dir")
+    tiny.add_argument("--adapters", type=int, default=0)
+    tiny.add_argument("--seed", type=int, default=0)
+    gemma = command(models.add_parser("build-gemma", help="Gemma 3 270M (base) from the PyPI GGUF package"),
+                    cmd_build_gemma)
+    gemma.add_argument("dir")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        code: int = args.fn(args)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"error: {line}", file=sys.stderr)
+        return 1
+    except CoeError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

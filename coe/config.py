@@ -1,0 +1,202 @@
+"""The registry schema: what ``experts.yaml`` may say, as pydantic models.
+
+Unknown keys are rejected everywhere (``extra="forbid"``) so a typo is an error,
+not a silently ignored setting. The top-level keys are fixed: ``backends``,
+``experts``, ``auth`` (gateway), ``router``, ``pipeline``, ``rag`` (routing and
+composition), ``dispatch``, ``store`` (dispatch and batch). Sections a later
+feature owns exist now, so files written today stay valid.
+
+Cross-field rules that need the whole file (an expert's backend exists, names are
+unique) live in ``RegistryConfig`` validators, so every loader gets them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+ROUTED_MODEL = "coe"
+"""The model name that asks coe to route; no expert may take it."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_name(value: str) -> str:
+    if not NAME_RE.fullmatch(value):  # not .match: "$" also matches before a trailing newline
+        raise ValueError(
+            f"invalid name {value!r}: use 1-64 letters, digits, '.', '_', ':' or '-', starting with a letter or digit"
+        )
+    return value
+
+
+class LoraModule(Strict):
+    name: str
+    path: Path
+
+    _name = field_validator("name")(_check_name)
+
+
+class LaunchConfig(Strict):
+    """A local vLLM process that coe starts, health-checks, restarts on crash and stops."""
+
+    model: Path = Field(description="model folder (relative paths resolve against the YAML file's folder)")
+    served_name: str | None = Field(None, description="name vLLM serves the base model under; default: folder name")
+    lora_modules: list[LoraModule] = Field(default_factory=list)
+    max_loras: int = Field(2, ge=1)
+    max_cpu_loras: int | None = Field(None, ge=1)
+    max_lora_rank: int = Field(8, ge=1)
+    runtime_lora_updating: bool = Field(True, description="allow /v1/load_lora_adapter (needed for POST /v1/experts)")
+    args: list[str] = Field(default_factory=list, description="extra vLLM command-line arguments")
+    env: dict[str, str] = Field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int | None = Field(None, ge=1, le=65535, description="default: a free port")
+    startup_timeout_s: float = Field(600.0, gt=0)
+    max_restarts: int = Field(5, ge=0, description="restarts after crashes before giving up")
+    log_file: Path | None = Field(None, description="default: .coe/logs/<backend>.log next to the YAML file")
+
+    def enables_lora(self) -> bool:
+        return bool(self.lora_modules) or self.runtime_lora_updating
+
+
+class Timeouts(Strict):
+    connect_s: float = Field(5.0, gt=0)
+    read_s: float = Field(300.0, gt=0, description="longest silence between two bytes from the expert")
+    total_s: float = Field(600.0, gt=0, description="a whole non-streaming call")
+
+
+class BackendConfig(Strict):
+    """An OpenAI-compatible vLLM server: remote by ``url``, or local by ``launch``."""
+
+    url: str | None = Field(None, description="base URL, e.g. http://gpu-1:8000/v1")
+    api_key_env: str | None = Field(None, description="environment variable holding the server's API key")
+    launch: LaunchConfig | None = None
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    max_concurrency: int = Field(256, ge=1, description="requests in flight to this server at once")
+    adapter_roots: list[Path] = Field(
+        default_factory=list, description="folders that API-registered adapter paths must lie under"
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> BackendConfig:
+        if (self.url is None) == (self.launch is None):
+            raise ValueError("give exactly one of 'url' (a running server) or 'launch' (coe starts one)")
+        if self.url is not None and not re.match(r"^https?://", self.url):
+            raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
+        return self
+
+
+class Adapter(Strict):
+    """A LoRA adapter on the expert's backend: ``name`` is what vLLM serves it as."""
+
+    name: str
+    path: Path | None = Field(None, description="adapter folder; needed to load it at run time")
+
+    _name = field_validator("name")(_check_name)
+
+
+class Cost(Strict):
+    input_per_mtok: float = Field(0.0, ge=0, description="USD per million prompt tokens")
+    output_per_mtok: float = Field(0.0, ge=0, description="USD per million completion tokens")
+
+    def of(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+
+
+class ExpertConfig(Strict):
+    name: str
+    backend: str
+    model: str = Field(description="the base model's served name on the backend")
+    adapter: Adapter | None = None
+    system_prompt: str | None = None
+    description: str = ""
+    skills: list[str] = Field(default_factory=list)
+    categories: list[str] = Field(default_factory=list, description="the categories this expert serves")
+    params: dict[str, Any] = Field(default_factory=dict, description="default sampling parameters")
+    cost: Cost = Field(default_factory=Cost)
+    tier: Literal["standard", "strong"] = "standard"
+
+    _name = field_validator("name")(_check_name)
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value == ROUTED_MODEL:
+            raise ValueError(f"'{ROUTED_MODEL}' is reserved for routed requests")
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _no_routing_params(cls, value: dict[str, Any]) -> dict[str, Any]:
+        banned = [key for key in ("model", "messages", "stream") if key in value]
+        if banned:
+            raise ValueError(f"params may not set {', '.join(repr(key) for key in banned)}")
+        return value
+
+    @property
+    def upstream_model(self) -> str:
+        """What goes in ``model`` to the backend: the adapter's name when there is one."""
+        return self.adapter.name if self.adapter else self.model
+
+
+class AuthConfig(Strict):
+    """Bearer keys. Both checks are on unless the file turns them off (local use only)."""
+
+    client_auth: bool = True
+    admin_auth: bool = True
+    api_keys_env: str = Field("COE_API_KEYS", description="comma-separated client keys")
+    admin_key_env: str = Field("COE_ADMIN_KEY", description="the admin key (registry changes)")
+
+
+class RouterConfig(Strict):
+    """Which router answers ``model="coe"``; the two-level router extends this section."""
+
+    strategy: str = Field("default", description="a name in routers.ROUTERS")
+    default_expert: str | None = Field(None, description="the expert the 'default' router picks; default: the first")
+    fallbacks: int = Field(1, ge=0, description="extra candidates to try when the chosen expert is down")
+    seed: int | None = None
+
+
+class PipelineConfig(Strict):
+    """Composition settings (owned by the composition pipeline)."""
+
+
+class RagConfig(Strict):
+    """Retrieval settings (owned by the composition pipeline)."""
+
+
+class DispatchConfig(Strict):
+    retries: int = Field(2, ge=0, description="retries of a connect error or 5xx before the first byte")
+    backoff_s: float = Field(0.2, ge=0, description="first retry delay; doubles each retry")
+    health_interval_s: float = Field(2.0, gt=0)
+
+
+class StoreConfig(Strict):
+    redis_url: str | None = Field(None, description="default: in memory (COE_REDIS_URL overrides)")
+    prefix: str = "coe"
+
+
+BackendName = Annotated[str, AfterValidator(_check_name)]
+"""A backend's key in ``backends``; checked per key, so each bad name is reported where it is."""
+
+
+class RegistryConfig(Strict):
+    backends: dict[BackendName, BackendConfig] = Field(default_factory=dict)
+    experts: list[ExpertConfig] = Field(default_factory=list)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    rag: RagConfig = Field(default_factory=RagConfig)
+    dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+
+    def expert(self, name: str) -> ExpertConfig | None:
+        for e in self.experts:
+            if e.name == name:
+                return e
+        return None

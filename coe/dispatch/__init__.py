@@ -1,0 +1,206 @@
+"""Every expert call goes through the dispatcher.
+
+Contract:
+- The candidates are tried in order. On each, a connect error, a timeout or a
+  5xx *before the first byte* is retried with exponential backoff
+  (``dispatch.retries``, ``dispatch.backoff_s``); then the next candidate is
+  tried. A 4xx is the request's fault and is raised at once, except a 404 for
+  an adapter expert whose adapter the server has lost (a restarted vLLM): the
+  adapter is reloaded under its lock and the call retried once.
+- A candidate whose backend is known to be down is skipped without waiting.
+  When every candidate fails: ``BackendUnavailable`` (503 with Retry-After).
+- Once a stream has started, nothing is retried: the caller gets an error event.
+- Concurrency per backend is bounded (``backends.X.max_concurrency``); a stream
+  holds its slot until it is closed.
+- Cancelling the awaiting task (client disconnect) closes the upstream
+  connection, which makes vLLM abort the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from coe import usage as usage_mod
+from coe.backends.base import ChatStream
+from coe.backends.pool import BackendPool, BackendRuntime
+from coe.config import DispatchConfig, ExpertConfig
+from coe.dispatch.body import upstream_body
+from coe.errors import BackendUnavailable, UpstreamError
+from coe.metrics import Metrics
+
+log = logging.getLogger("coe.dispatch")
+
+DOWN_STATES = frozenset({"unhealthy", "crashed", "failed", "stopped", "starting"})
+
+
+@dataclass
+class ExpertCall:
+    """What one expert call cost; the response's ``coe.experts`` entries."""
+
+    name: str
+    usage: dict[str, int] | None = None
+    cost: float | None = None
+    latency_ms: float = 0.0
+    attempts: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "usage": self.usage, "cost": self.cost,
+                "latency_ms": round(self.latency_ms, 2)}
+
+
+@dataclass
+class OpenedStream:
+    """A started stream from one expert; ``finish`` records its usage once known."""
+
+    expert: ExpertConfig
+    call: ExpertCall
+    chunks: AsyncIterator[dict[str, Any]]
+    _stream: ChatStream
+    _release: asyncio.Semaphore
+    _started: float
+    _closed: bool = False
+
+    def finish(self, usage: dict[str, Any] | None, metrics: Metrics) -> ExpertCall:
+        self.call.usage = usage_mod.normalize(usage)
+        self.call.cost = usage_mod.cost(self.expert, self.call.usage)
+        self.call.latency_ms = (time.perf_counter() - self._started) * 1000
+        metrics.record_usage(self.expert.name, self.call.usage, self.call.cost)
+        metrics.expert_latency.labels(self.expert.name).observe(self.call.latency_ms / 1000)
+        return self.call
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._release.release()
+            await self._stream.aclose()
+
+
+class Dispatcher:
+    def __init__(self, pool: BackendPool, config: DispatchConfig, metrics: Metrics) -> None:
+        self.pool = pool
+        self.config = config
+        self.metrics = metrics
+
+    async def ensure_adapter(self, expert: ExpertConfig) -> None:
+        """Load the expert's adapter into its backend (a no-op when already there)."""
+        if expert.adapter is None or expert.adapter.path is None:
+            return
+        backend = self.pool.get(expert.backend)
+        async with backend.adapter_lock(expert.adapter.name):
+            await backend.api.load_adapter(expert.adapter.name, expert.adapter.path)
+
+    def _usable(self, experts: Sequence[ExpertConfig]) -> list[tuple[ExpertConfig, BackendRuntime]]:
+        out = []
+        for expert in experts:
+            try:
+                out.append((expert, self.pool.get(expert.backend)))
+            except BackendUnavailable:
+                log.warning("expert %s names backend %s, which is not running", expert.name, expert.backend)
+        up = [(e, b) for e, b in out if b.state not in DOWN_STATES]
+        if not up:
+            states = ", ".join(f"{b.name}: {b.state}" for _, b in out) or "no backend"
+            starting = any(b.state == "starting" for _, b in out)
+            raise BackendUnavailable(
+                f"no expert is available ({states})" + ("; a backend is still starting" if starting else ""),
+                retry_after=10 if starting else 5,
+            )
+        return up
+
+    async def _attempts(self, expert: ExpertConfig, backend: BackendRuntime, call: ExpertCall,
+                        fn: Any) -> Any:
+        """Run ``fn()`` against one expert with the retry policy; the last error propagates."""
+        delay = self.config.backoff_s
+        reloaded = False
+        attempt = 0
+        while True:
+            attempt += 1
+            call.attempts += 1
+            try:
+                return await fn()
+            except BackendUnavailable as exc:
+                self.metrics.upstream_errors.labels(backend.name, "unavailable").inc()
+                if attempt > self.config.retries:
+                    raise
+                log.info("expert %s attempt %d failed (%s); retrying in %.2fs", expert.name, attempt, exc, delay)
+                await asyncio.sleep(delay)
+                delay *= 2
+            except UpstreamError as exc:
+                self.metrics.upstream_errors.labels(backend.name, f"http_{exc.status // 100}xx").inc()
+                if exc.status == 404 and not reloaded and expert.adapter is not None and expert.adapter.path:
+                    log.warning("backend %s lost adapter %s; reloading it", backend.name, expert.adapter.name)
+                    reloaded = True
+                    await self.ensure_adapter(expert)
+                    continue
+                if exc.status == 404:
+                    raise UpstreamError(
+                        f"expert {expert.name!r}: backend {backend.name!r} does not serve "
+                        f"{expert.upstream_model!r} ({exc.message})", status=502) from exc
+                raise
+
+    async def chat(self, experts: Sequence[ExpertConfig], body: dict[str, Any], *,
+                   request_id: str) -> tuple[dict[str, Any], ExpertConfig, ExpertCall]:
+        """A non-streaming answer from the first candidate that gives one."""
+        last: BackendUnavailable | None = None
+        skipped: list[str] = []
+        for expert, backend in self._usable(experts):
+            call = ExpertCall(expert.name, skipped=list(skipped))
+            started = time.perf_counter()
+            payload = upstream_body(expert, body)
+            try:
+                async with backend.limit:
+                    result: dict[str, Any] = await self._attempts(
+                        expert, backend, call, lambda p=payload, b=backend: b.api.chat(p, request_id=request_id))
+            except BackendUnavailable as exc:
+                self.metrics.expert_calls.labels(expert.name, "unavailable").inc()
+                last, skipped = exc, [*skipped, expert.name]
+                continue
+            except UpstreamError:
+                self.metrics.expert_calls.labels(expert.name, "error").inc()
+                raise
+            call.latency_ms = (time.perf_counter() - started) * 1000
+            call.usage = usage_mod.normalize(result.get("usage"))
+            call.cost = usage_mod.cost(expert, call.usage)
+            self.metrics.expert_calls.labels(expert.name, "ok").inc()
+            self.metrics.expert_latency.labels(expert.name).observe(call.latency_ms / 1000)
+            self.metrics.record_usage(expert.name, call.usage, call.cost)
+            if skipped:
+                self.metrics.fallbacks.labels(expert.name).inc()
+            return result, expert, call
+        raise BackendUnavailable(f"every candidate expert failed ({', '.join(skipped)}): {last}",
+                                 retry_after=last.retry_after if last else 5)
+
+    async def open_stream(self, experts: Sequence[ExpertConfig], body: dict[str, Any], *,
+                          request_id: str) -> OpenedStream:
+        """Open a stream on the first candidate that accepts; retries stop at the first byte."""
+        last: BackendUnavailable | None = None
+        skipped: list[str] = []
+        for expert, backend in self._usable(experts):
+            call = ExpertCall(expert.name, skipped=list(skipped))
+            started = time.perf_counter()
+            payload = upstream_body(expert, body, stream=True)
+            await backend.limit.acquire()
+            try:
+                stream: ChatStream = await self._attempts(
+                    expert, backend, call,
+                    lambda p=payload, b=backend: b.api.open_chat_stream(p, request_id=request_id))
+            except BackendUnavailable as exc:
+                backend.limit.release()
+                self.metrics.expert_calls.labels(expert.name, "unavailable").inc()
+                last, skipped = exc, [*skipped, expert.name]
+                continue
+            except BaseException:
+                backend.limit.release()
+                self.metrics.expert_calls.labels(expert.name, "error").inc()
+                raise
+            self.metrics.expert_calls.labels(expert.name, "ok").inc()
+            if skipped:
+                self.metrics.fallbacks.labels(expert.name).inc()
+            return OpenedStream(expert, call, stream.chunks(), stream, backend.limit, started)
+        raise BackendUnavailable(f"every candidate expert failed ({', '.join(skipped)}): {last}",
+                                 retry_after=last.retry_after if last else 5)

@@ -1,0 +1,119 @@
+"""The one exception tree of coe.
+
+Every error coe raises on purpose is a ``CoeError``; the API renders each as an
+OpenAI error object ``{"error": {"message", "type", "param", "code"}}`` with the
+class's HTTP status, and the CLI prints its message and exits non-zero. Library
+errors (httpx, pydantic, yaml, redis) are mapped to these at the boundary with
+``raise ... from`` so a client never sees a stack trace.
+
+    CoeError                         500 internal_error
+    ├── ConfigError                  500 a registry file is invalid (file:line: field: message)
+    ├── InvalidRequest               400 invalid_request_error (param names the field)
+    ├── Unauthorized                 401 authentication_error
+    ├── Forbidden                    403 permission_error
+    ├── NotFound                     404 not_found_error
+    │   └── ModelNotFound            404 code=model_not_found
+    ├── Conflict                     409 conflict
+    ├── BackendUnavailable           503 service_unavailable (Retry-After)
+    ├── UpstreamError                502 an expert's server answered with an error
+    └── StoreError                   500 the state store failed
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CoeError(Exception):
+    status: int = 500
+    type: str = "internal_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_openai(self) -> dict[str, Any]:
+        """The OpenAI error object clients (and the openai SDK) expect."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class ConfigError(CoeError):
+    """A registry file is invalid; ``errors`` holds every problem found, one line each."""
+
+    type = "config_error"
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+class InvalidRequest(CoeError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(CoeError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(CoeError):
+    status = 403
+    type = "permission_error"
+
+
+class NotFound(CoeError):
+    status = 404
+    type = "not_found_error"
+
+
+class ModelNotFound(NotFound):
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class Conflict(CoeError):
+    status = 409
+    type = "conflict_error"
+    code = "conflict"
+
+
+class BackendUnavailable(CoeError):
+    """No expert could be reached; the client should retry after ``retry_after`` seconds."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "backend_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class UpstreamError(CoeError):
+    """An expert's server rejected the request (4xx) or failed after it began answering."""
+
+    status = 502
+    type = "upstream_error"
+
+    def __init__(self, message: str, *, status: int = 502, param: str | None = None,
+                 code: str | None = None, type: str | None = None) -> None:
+        super().__init__(message, param=param, code=code)
+        self.status = status
+        if type is not None:
+            self.type = type
+
+
+class StoreError(CoeError):
+    type = "store_error"

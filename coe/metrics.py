@@ -1,0 +1,48 @@
+"""Prometheus metrics, one registry per app (no globals, so tests and several apps
+in one process do not collide). Every label has a bounded set of values: route
+kind, status class, expert and backend names from the registry, fixed outcome words.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("coe_requests_total", "Chat requests by route and HTTP status",
+                                ["route", "status"], registry=r)
+        self.request_latency = Histogram("coe_request_duration_seconds", "Whole-request latency",
+                                         ["route", "stream"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("coe_time_to_first_token_seconds", "Streaming: time to the first chunk",
+                              ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("coe_requests_in_flight", "Chat requests being answered", registry=r)
+        self.expert_calls = Counter("coe_expert_calls_total", "Calls to experts by outcome",
+                                    ["expert", "outcome"], registry=r)
+        self.expert_latency = Histogram("coe_expert_call_duration_seconds", "One expert call",
+                                        ["expert"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("coe_tokens_total", "Tokens by expert and kind (prompt, completion)",
+                              ["expert", "kind"], registry=r)
+        self.cost = Counter("coe_cost_usd_total", "Cost in USD at the experts' configured prices",
+                            ["expert"], registry=r)
+        self.upstream_errors = Counter("coe_upstream_errors_total", "Failed attempts against a backend",
+                                       ["backend", "kind"], registry=r)
+        self.fallbacks = Counter("coe_fallbacks_total", "Requests answered by a later candidate",
+                                 ["expert"], registry=r)
+        self.backend_up = Gauge("coe_backend_up", "1 when the backend is healthy", ["backend"], registry=r)
+        self.registry_reloads = Counter("coe_registry_reloads_total", "Registry file reloads by result",
+                                        ["result"], registry=r)
+        self.experts_registered = Gauge("coe_experts", "Experts in the registry by source", ["source"], registry=r)
+
+    def record_usage(self, expert: str, usage: dict[str, int] | None, cost: float | None) -> None:
+        if usage:
+            self.tokens.labels(expert, "prompt").inc(usage.get("prompt_tokens", 0))
+            self.tokens.labels(expert, "completion").inc(usage.get("completion_tokens", 0))
+        if cost:
+            self.cost.labels(expert).inc(cost)
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))

@@ -1,0 +1,246 @@
+"""The live registry: ``experts.yaml`` plus the experts registered through the API.
+
+- The file is polled; a valid edit takes effect without a restart, an invalid
+  one is refused and logged, and the previous registry keeps serving.
+- API experts live in the state store (namespace ``experts``) as an overlay: they
+  survive file reloads, and restarts when the store is durable (Redis). A file
+  expert with the same name as an overlay expert wins; the overlay one is hidden
+  (and logged) until the file stops naming it.
+- Each snapshot (``Registry``) is immutable; requests keep the one they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from coe.config import ExpertConfig, RegistryConfig
+from coe.dispatch import Dispatcher
+from coe.errors import BackendUnavailable, ConfigError, Conflict, Forbidden, InvalidRequest, NotFound
+from coe.loader import check_expert, load_registry
+from coe.metrics import Metrics
+from coe.store.base import StateStore
+from routers import Router, make_router
+
+log = logging.getLogger("coe.registry")
+
+OVERLAY = "experts"
+
+
+@dataclass(frozen=True)
+class Registry:
+    config: RegistryConfig
+    experts: dict[str, ExpertConfig]
+    sources: dict[str, str]
+    router: Router
+
+    def expert(self, name: str) -> ExpertConfig | None:
+        return self.experts.get(name)
+
+
+def _fingerprint(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+class RegistryManager:
+    def __init__(self, path: Path, store: StateStore, dispatcher: Dispatcher, metrics: Metrics,
+                 *, poll_interval_s: float = 1.0, on_reload: Callable[[Registry], None] | None = None) -> None:
+        """``on_reload`` sees each new snapshot before it takes effect; raising ConfigError refuses it."""
+        self.path = path
+        self.store = store
+        self.dispatcher = dispatcher
+        self.metrics = metrics
+        self.poll_interval_s = poll_interval_s
+        self.on_reload = on_reload
+        self._current: Registry | None = None
+        self._overlay: dict[str, ExpertConfig] = {}
+        self._fingerprint: tuple[int, int] | None = None
+        self._digest = ""
+        self._lock = asyncio.Lock()
+        self._watch: asyncio.Task[None] | None = None
+        self.last_error: str | None = None
+
+    @property
+    def current(self) -> Registry:
+        if self._current is None:
+            raise BackendUnavailable("the registry is not loaded yet", retry_after=1)
+        return self._current
+
+    # -- loading -----------------------------------------------------------------------
+
+    def _snapshot(self, config: RegistryConfig) -> Registry:
+        experts = {e.name: e for e in config.experts}
+        sources = dict.fromkeys(experts, "file")
+        for name, expert in self._overlay.items():
+            if name in experts:
+                log.warning("API expert %s is hidden by the file's expert of the same name", name)
+                continue
+            problems = check_expert(expert, config)
+            if problems:
+                log.warning("API expert %s is not served: %s", name, "; ".join(m for _, m in problems))
+                continue
+            experts[name] = expert
+            sources[name] = "api"
+        for source in ("file", "api"):
+            self.metrics.experts_registered.labels(source).set(sum(1 for s in sources.values() if s == source))
+        return Registry(config=config, experts=experts, sources=sources, router=make_router(config.router))
+
+    async def _apply(self, config: RegistryConfig) -> None:
+        snapshot = self._snapshot(config)  # may raise ConfigError (unknown router): nothing changed yet
+        if self.on_reload is not None:
+            self.on_reload(snapshot)  # may refuse it too (e.g. auth keys missing)
+        await self.dispatcher.pool.reconcile(config.backends)
+        self.dispatcher.config = config.dispatch
+        self._current = snapshot
+
+    async def start(self) -> Registry:
+        """Load the file (a bad file is fatal at start-up) and the stored overlay."""
+        self._fingerprint = _fingerprint(self.path)
+        config = load_registry(self.path)
+        self._digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        for name, doc in (await self.store.items(OVERLAY)).items():
+            try:
+                self._overlay[name] = ExpertConfig.model_validate(doc)
+            except ValidationError as exc:
+                log.error("stored API expert %s is invalid and ignored: %s", name, exc)
+        await self._apply(config)
+        self._watch = asyncio.create_task(self._watch_loop(), name="coe-registry-watch")
+        return self.current
+
+    async def reload(self) -> bool:
+        """Re-read the file if it changed. True when a new registry took effect."""
+        fingerprint = _fingerprint(self.path)
+        if fingerprint == self._fingerprint:
+            return False
+        self._fingerprint = fingerprint
+        async with self._lock:
+            try:
+                digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
+            except OSError as exc:
+                self.last_error = f"{self.path}: cannot read: {exc.strerror}"
+                log.error("registry reload refused, previous registry keeps serving: %s", self.last_error)
+                self.metrics.registry_reloads.labels("refused").inc()
+                return False
+            if digest == self._digest:
+                return False
+            try:
+                await self._apply(load_registry(self.path))
+            except ConfigError as exc:
+                self.last_error = exc.message
+                log.error("registry reload refused, previous registry keeps serving:\n%s", exc.message)
+                self.metrics.registry_reloads.labels("refused").inc()
+                return False
+            self._digest = digest
+            self.last_error = None
+            self.metrics.registry_reloads.labels("ok").inc()
+            log.info("registry reloaded from %s: %d experts", self.path, len(self.current.experts))
+            return True
+
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            try:
+                await self.reload()
+            except Exception:
+                log.exception("registry reload failed")
+
+    async def load_overlay_adapters(self) -> None:
+        """Make sure every API adapter expert is loaded (after a restart of coe or of vLLM)."""
+        for name, source in self.current.sources.items():
+            if source == "api":
+                expert = self.current.experts[name]
+                try:
+                    await self.dispatcher.ensure_adapter(expert)
+                except Exception as exc:
+                    log.warning("could not load adapter of API expert %s yet: %s", name, exc)
+
+    # -- API registration --------------------------------------------------------------
+
+    def _check_adapter_path(self, expert: ExpertConfig, config: RegistryConfig) -> None:
+        if expert.adapter is None:
+            return
+        if expert.adapter.path is None:
+            raise InvalidRequest("an adapter expert registered through the API needs adapter.path",
+                                 param="adapter.path")
+        path = expert.adapter.path
+        if not path.is_absolute():
+            raise InvalidRequest("adapter.path must be absolute", param="adapter.path")
+        roots = config.backends[expert.backend].adapter_roots
+        if not roots:
+            raise Forbidden(f"backend {expert.backend!r} has no adapter_roots configured, so no adapter may be "
+                            "registered on it through the API", param="adapter.path")
+        resolved = path.resolve()
+        if not any(resolved.is_relative_to(root.resolve()) for root in roots):
+            raise Forbidden(f"adapter.path {str(path)!r} is not under an allowed root of backend "
+                            f"{expert.backend!r}", param="adapter.path")
+
+    async def register(self, expert: ExpertConfig) -> ExpertConfig:
+        async with self._lock:
+            current = self.current
+            if expert.name in current.experts:
+                raise Conflict(f"an expert named {expert.name!r} already exists "
+                               f"(source: {current.sources[expert.name]})", param="name")
+            problems = check_expert(expert, current.config)
+            if problems:
+                loc, msg = problems[0]
+                raise InvalidRequest(msg, param=".".join(str(p) for p in loc))
+            self._check_adapter_path(expert, current.config)
+            await self.dispatcher.ensure_adapter(expert)
+            doc: dict[str, Any] = expert.model_dump(mode="json", exclude_defaults=True)
+            if not await self.store.put_if_absent(OVERLAY, expert.name, doc):
+                raise Conflict(f"an expert named {expert.name!r} already exists (source: api)", param="name")
+            self._overlay[expert.name] = expert
+            self._current = self._snapshot(current.config)
+            log.info("registered API expert %s on backend %s", expert.name, expert.backend)
+            return expert
+
+    async def unregister(self, name: str) -> None:
+        async with self._lock:
+            current = self.current
+            source = current.sources.get(name)
+            if source is None:
+                raise NotFound(f"no expert named {name!r}", code="expert_not_found")
+            if source == "file":
+                raise Conflict(f"expert {name!r} is defined in {self.path.name}; edit the file to remove it")
+            expert = current.experts[name]
+            await self.store.delete(OVERLAY, name)
+            self._overlay.pop(name, None)
+            self._current = self._snapshot(current.config)
+            await self._unload_if_unused(expert)
+            log.info("unregistered API expert %s", name)
+
+    async def _unload_if_unused(self, expert: ExpertConfig) -> None:
+        if expert.adapter is None:
+            return
+        current = self.current
+        adapter = expert.adapter.name
+        in_use = any(e.adapter is not None and e.adapter.name == adapter and e.backend == expert.backend
+                     for e in current.experts.values())
+        launch = current.config.backends[expert.backend].launch if expert.backend in current.config.backends else None
+        preloaded = launch is not None and any(m.name == adapter for m in launch.lora_modules)
+        if in_use or preloaded:
+            return
+        backend = self.dispatcher.pool.get(expert.backend)
+        async with backend.adapter_lock(adapter):
+            try:
+                await backend.api.unload_adapter(adapter)
+            except Exception as exc:
+                log.warning("could not unload adapter %s from %s: %s", adapter, expert.backend, exc)
+
+    async def aclose(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch

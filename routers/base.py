@@ -1,0 +1,59 @@
+"""The router interface: from a request and the registry to a ``RoutingDecision``.
+
+A router is one class with one async method. Decisions are plain data: they go
+into the response's ``coe`` field and the logs, so every field must be JSON.
+New routers are one module plus one entry in ``routers.ROUTERS``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    from coe.config import ExpertConfig, RouterConfig
+
+
+class ExpertChoice(BaseModel):
+    name: str
+    score: float
+
+
+class RoutingDecision(BaseModel):
+    """Which experts should answer, best first, and why."""
+
+    router: str
+    experts: list[ExpertChoice] = Field(description="chosen experts, best first; later ones are fallbacks")
+    category: str | None = None
+    confidence: float | None = None
+    skills: list[str] = Field(default_factory=list)
+    candidates: list[ExpertChoice] = Field(default_factory=list)
+    fallback: bool = False
+    reason: str = ""
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+
+class RouteRequest(BaseModel):
+    """What a router may look at: the conversation, and who is asking."""
+
+    messages: Sequence[Mapping[str, Any]]
+    session: str | None = None
+    request_id: str = ""
+
+
+class Router(ABC):
+    """Picks experts for a request. Implementations must not call experts unless configured to."""
+
+    name: str = "router"
+
+    @abstractmethod
+    async def route(self, request: RouteRequest, experts: Sequence[ExpertConfig]) -> RoutingDecision:
+        """Choose experts among ``experts`` (the registry's current ones, file order)."""
+
+
+RouterFactory = Callable[["RouterConfig"], Router]

@@ -1,0 +1,1 @@
+"""The deployable processes: the API server (``services.api``). Thin: wiring and HTTP."""

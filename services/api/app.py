@@ -1,0 +1,189 @@
+"""The app factory. Nothing happens at import time: ``create_app`` takes its parts
+as arguments (Starlette-style) and the lifespan loads the registry, opens the
+store, starts managed backends, and on shutdown drains and stops them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from coe.backends.pool import BackendPool, TransportFactory
+from coe.config import StoreConfig
+from coe.dispatch import Dispatcher
+from coe.loader import load_registry
+from coe.logs import request_id_var
+from coe.metrics import Metrics
+from coe.registry import Registry, RegistryManager
+from coe.store import open_store
+from coe.store.base import StateStore
+from services.api import errors
+from services.api.auth import AuthKeys, resolve_keys
+
+log = logging.getLogger("coe.api")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+
+
+@dataclass
+class AppState:
+    config_path: Path
+    metrics: Metrics
+    store: StateStore
+    pool: BackendPool
+    dispatcher: Dispatcher
+    registry: RegistryManager
+    keys: AuthKeys = field(default_factory=lambda: AuthKeys(None, None))
+    in_flight: int = 0
+    draining: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
+
+
+class RequestIdMiddleware:
+    """Give every request an id (the client's ``x-request-id`` when sane, else a new one),
+    echo it in the response, and put it on every log line of the request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                rid = value.decode("latin-1")
+                break
+        if not _REQUEST_ID.match(rid):
+            rid = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        raw = rid.encode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", raw)]
+            await send(message)
+
+        token = request_id_var.set(rid)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
+
+
+def create_app(
+    config_path: str | Path,
+    *,
+    store: StateStore | None = None,
+    transport_factory: TransportFactory | None = None,
+    poll_interval_s: float = 1.0,
+    drain_timeout_s: float = 30.0,
+) -> FastAPI:
+    """Build the API server for the registry at ``config_path``.
+
+    ``store`` overrides the one the registry's ``store`` section names;
+    ``transport_factory`` swaps backend transports (fault injection in tests).
+    """
+    config_path = Path(config_path).resolve()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics = Metrics()
+        state_store = store or open_store(_store_config(config_path))
+        pool = BackendPool(transport_factory=transport_factory)
+        dispatcher = Dispatcher(pool, load_registry(config_path).dispatch, metrics)
+        state: AppState | None = None
+
+        def on_reload(snapshot: Registry) -> None:
+            keys = resolve_keys(snapshot.config.auth)
+            if state is not None:
+                state.keys = keys
+
+        manager = RegistryManager(config_path, state_store, dispatcher, metrics,
+                                  poll_interval_s=poll_interval_s, on_reload=on_reload)
+        state = AppState(config_path, metrics, state_store, pool, dispatcher, manager)
+        state.idle.set()
+        app.state.coe = state
+        try:
+            registry = await manager.start()
+            state.keys = resolve_keys(registry.config.auth)
+            if not state_store.durable:
+                log.warning("state store is in memory: experts registered through the API do not survive a "
+                            "restart (set store.redis_url or COE_REDIS_URL for durable state)")
+            overlay = asyncio.create_task(_load_overlay_when_ready(manager, pool))
+            log.info("coe ready to accept requests: %d experts, %d backends", len(registry.experts),
+                     len(registry.config.backends))
+            yield
+        finally:
+            state.draining = True
+            if state.in_flight:
+                log.info("draining %d in-flight requests (up to %.0fs)", state.in_flight, drain_timeout_s)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(state.idle.wait(), drain_timeout_s)
+            if "overlay" in locals():
+                overlay.cancel()
+            await manager.aclose()
+            await pool.aclose()
+            await state_store.close()
+            log.info("coe stopped")
+
+    app = FastAPI(
+        title="coe",
+        summary="Composition of experts: one OpenAI-compatible endpoint in front of expert LLMs",
+        version="0.1.0",
+        lifespan=lifespan,
+        responses=errors.openai_responses(401, 500),
+    )
+    errors.install(app)
+    from services.api.chat.router import router as chat_router
+    from services.api.experts.router import router as experts_router
+    from services.api.health.router import router as health_router
+    from services.api.models.router import router as models_router
+
+    app.include_router(chat_router)
+    app.include_router(models_router)
+    app.include_router(experts_router)
+    app.include_router(health_router)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def _store_config(config_path: Path) -> StoreConfig:
+    return load_registry(config_path).store
+
+
+async def _load_overlay_when_ready(manager: RegistryManager, pool: BackendPool) -> None:
+    """API adapter experts must be loaded into their vLLM again after a restart; wait for backends."""
+    for _ in range(600):
+        names = {e.backend for n, e in manager.current.experts.items() if manager.current.sources[n] == "api"}
+        if not names:
+            return
+        if all(pool.get(n).is_healthy for n in names if n in pool.all()):
+            await manager.load_overlay_adapters()
+            return
+        await asyncio.sleep(1)
+
+
+def state_of(app: Any) -> AppState:
+    coe_state: AppState = app.state.coe
+    return coe_state

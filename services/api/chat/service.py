@@ -1,0 +1,207 @@
+"""Chat completions: pick the experts, call them through the dispatcher, answer in
+OpenAI's exact shape plus coe's ``coe`` field (who answered, usage, cost, why).
+
+Streaming keeps OpenAI's framing: content chunks pass through as they arrive
+(only ``model`` is rewritten); the chunk carrying ``finish_reason`` is held
+until the server's usage arrives (immediately after) so the ``coe`` field can
+ride on the last chunk before ``data: [DONE]``. coe always asks the server for
+usage, and drops the usage-only chunk when the client did not ask for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+import orjson
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from coe import usage as usage_mod
+from coe.config import ROUTED_MODEL, ExpertConfig
+from coe.dispatch import ExpertCall, OpenedStream
+from coe.errors import BackendUnavailable, CoeError, InvalidRequest, ModelNotFound
+from routers.base import ExpertChoice, RouteRequest, RoutingDecision
+from services.api.app import AppState, state_of
+from services.api.chat.protocol import ChatCompletionRequest
+
+log = logging.getLogger("coe.chat")
+
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the answer was ready; the upstream call was cancelled."""
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client disconnects first, in which case cancel it
+    (closing the upstream connection makes vLLM abort the request)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    raise ClientDisconnected
+
+
+def coe_field(decision: RoutingDecision, calls: list[ExpertCall], request_id: str) -> dict[str, Any]:
+    return {
+        "request_id": request_id,
+        "decision": decision.model_dump(mode="json"),
+        "experts": [c.to_json() for c in calls],
+        "usage": usage_mod.add(c.usage for c in calls),
+        "cost": usage_mod.total_cost(c.cost for c in calls),
+    }
+
+
+async def _candidates(state: AppState, body: ChatCompletionRequest, request: Request,
+                      request_id: str) -> tuple[list[ExpertConfig], RoutingDecision, str]:
+    registry = state.registry.current
+    if body.model != ROUTED_MODEL:
+        expert = registry.expert(body.model)
+        if expert is None:
+            raise ModelNotFound(f"The model '{body.model}' does not exist: use 'coe' or an expert from /v1/models",
+                                param="model")
+        decision = RoutingDecision(router="direct", experts=[ExpertChoice(name=expert.name, score=1.0)],
+                                   confidence=1.0, reason="the request named this expert")
+        return [expert], decision, "direct"
+    if body.coe is not None and body.coe.experts:
+        unknown = [n for n in body.coe.experts if registry.expert(n) is None]
+        if unknown:
+            raise InvalidRequest(f"unknown experts: {', '.join(unknown)}", param="coe.experts")
+        chosen = [ExpertChoice(name=n, score=1.0) for n in body.coe.experts]
+        decision = RoutingDecision(router="request", experts=chosen, reason="the request listed its experts")
+    else:
+        session = body.user or request.headers.get("x-coe-session")
+        route_request = RouteRequest(messages=[m.model_dump(exclude_unset=True) for m in body.messages],
+                                     session=session, request_id=request_id)
+        decision = await registry.router.route(route_request, list(registry.experts.values()))
+    experts = [e for e in (registry.expert(n) for n in decision.names()) if e is not None]
+    if not experts:
+        raise BackendUnavailable("the router chose no available expert", retry_after=5)
+    return experts, decision, "routed"
+
+
+async def create(request: Request, body: ChatCompletionRequest) -> Response:
+    state = state_of(request.app)
+    request_id: str = request.state.request_id
+    started = time.perf_counter()
+    route = "direct" if body.model != ROUTED_MODEL else "routed"
+    state.enter()
+    state.metrics.in_flight.inc()
+    streaming = False
+    status = 500
+    try:
+        experts, decision, route = await _candidates(state, body, request, request_id)
+        upstream = body.upstream()
+        if body.stream:
+            opened = await until_disconnect(
+                request, state.dispatcher.open_stream(experts, upstream, request_id=request_id))
+            streaming = True
+            status = 200
+            client_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                _sse(state, opened, decision, request_id, client_usage, route, started),
+                media_type="text/event-stream",
+                headers={"x-coe-experts": opened.expert.name, "cache-control": "no-cache"},
+            )
+        result, expert, call = await until_disconnect(
+            request, state.dispatcher.chat(experts, upstream, request_id=request_id))
+        result["model"] = expert.name
+        result["coe"] = coe_field(decision, [call], request_id)
+        status = 200
+        return Response(orjson.dumps(result), media_type="application/json",
+                        headers={"x-coe-experts": expert.name})
+    except ClientDisconnected:
+        status = 499
+        log.info("client disconnected; upstream request cancelled")
+        return Response(status_code=499)
+    except CoeError as exc:
+        status = exc.status
+        raise
+    finally:
+        if not streaming:
+            _done(state, route, status, started, stream=False)
+
+
+def _done(state: AppState, route: str, status: int, started: float, *, stream: bool) -> None:
+    state.metrics.requests.labels(route, str(status)).inc()
+    state.metrics.request_latency.labels(route, str(stream).lower()).observe(time.perf_counter() - started)
+    state.metrics.in_flight.dec()
+    state.leave()
+
+
+def _event(obj: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+async def _sse(state: AppState, opened: OpenedStream, decision: RoutingDecision, request_id: str,
+               client_usage: bool, route: str, started: float) -> AsyncIterator[bytes]:
+    name = opened.expert.name
+    held: list[dict[str, Any]] = []
+    usage: dict[str, Any] | None = None
+    last: dict[str, Any] = {}
+    first = True
+    status = 200
+    try:
+        async for chunk in opened.chunks:
+            if first:
+                state.metrics.ttft.labels(route).observe(time.perf_counter() - started)
+                first = False
+            chunk["model"] = name
+            last = chunk
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if not chunk.get("choices"):
+                continue  # the usage-only chunk: re-sent at the end with the coe field
+            if not client_usage:
+                chunk.pop("usage", None)
+            if any(c.get("finish_reason") for c in chunk["choices"]):
+                held.append(chunk)
+                continue
+            yield _event(chunk)
+        call = opened.finish(usage, state.metrics)
+        trace = coe_field(decision, [call], request_id)
+        for chunk in held[:-1]:
+            yield _event(chunk)
+        if client_usage or not held:
+            if held:
+                yield _event(held[-1])
+            yield _event({"id": last.get("id", f"chatcmpl-{request_id}"), "object": "chat.completion.chunk",
+                          "created": last.get("created", int(time.time())), "model": name, "choices": [],
+                          "usage": usage if client_usage else None, "coe": trace})
+        else:
+            yield _event({**held[-1], "coe": trace})
+        yield b"data: [DONE]\n\n"
+    except asyncio.CancelledError:
+        status = 499
+        log.info("client disconnected mid-stream; upstream request cancelled")
+        raise
+    except CoeError as exc:
+        status = exc.status if exc.status >= 500 else 502
+        log.warning("stream from %s failed after it began: %s", name, exc.message)
+        yield _event(exc.to_openai())
+    except Exception:
+        status = 500
+        log.exception("stream from %s failed after it began", name)
+        yield _event({"error": {"message": "internal error while streaming; see the server log",
+                                "type": "internal_error", "param": None, "code": None}})
+    finally:
+        await opened.aclose()
+        _done(state, route, status, started, stream=True)

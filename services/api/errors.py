@@ -1,0 +1,76 @@
+"""Map every error to an OpenAI error object at the HTTP boundary; no stack trace reaches a client."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from coe.errors import CoeError, InvalidRequest
+
+log = logging.getLogger("coe.api")
+
+ERROR_SCHEMA: dict[str, Any] = {
+    "description": "An OpenAI error object",
+    "content": {"application/json": {"example": {"error": {
+        "message": "...", "type": "invalid_request_error", "param": None, "code": None}}}},
+}
+
+
+def openai_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses an endpoint can return."""
+    return {s: ERROR_SCHEMA for s in statuses}
+
+
+def format_param(loc: tuple[Any, ...]) -> str:
+    parts = [p for p in loc if p != "body"]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def validation_error(errors: Sequence[Any]) -> InvalidRequest:
+    first = errors[0]
+    param = format_param(tuple(first.get("loc", ())))
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "json_invalid":
+        return InvalidRequest(f"the request body is not valid JSON: {first.get('ctx', {}).get('error', msg)}")
+    if first.get("type") == "missing":
+        msg = "this field is required"
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return InvalidRequest(f"{param}: {msg}{more}" if param else f"{msg}{more}", param=param or None)
+
+
+def error_response(exc: CoeError) -> JSONResponse:
+    return JSONResponse(exc.to_openai(), status_code=exc.status, headers=exc.headers())
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(CoeError)
+    async def _coe(request: Request, exc: CoeError) -> Response:
+        if exc.status >= 500:
+            log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(validation_error(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        types = {404: "not_found_error", 405: "invalid_request_error"}
+        body = {"error": {"message": str(exc.detail), "type": types.get(exc.status_code, "invalid_request_error"),
+                          "param": None, "code": None}}
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse({"error": {"message": "internal error; see the server log",
+                                       "type": "internal_error", "param": None, "code": None}}, status_code=500)

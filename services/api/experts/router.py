@@ -1,0 +1,63 @@
+"""Expert admin: list (client key), register and remove (admin key).
+
+Registering an adapter expert loads its adapter into the running vLLM first, so
+an expert is listed only once it can answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from coe.config import ExpertConfig
+from coe.errors import NotFound
+from services.api.app import state_of
+from services.api.auth import check_admin, check_client
+from services.api.errors import openai_responses, validation_error
+
+router = APIRouter(tags=["experts"])
+
+
+def _describe(expert: ExpertConfig, source: str) -> dict[str, Any]:
+    return {"object": "expert", "source": source, **expert.model_dump(mode="json")}
+
+
+@router.get("/v1/experts", dependencies=[Depends(check_client)], summary="Every expert with its source")
+async def list_experts(request: Request) -> dict[str, Any]:
+    registry = state_of(request.app).registry.current
+    return {"object": "list", "data": [_describe(e, registry.sources[n]) for n, e in registry.experts.items()]}
+
+
+@router.get("/v1/experts/{name}", dependencies=[Depends(check_client)], responses=openai_responses(404))
+async def get_expert(name: str, request: Request) -> dict[str, Any]:
+    registry = state_of(request.app).registry.current
+    expert = registry.expert(name)
+    if expert is None:
+        raise NotFound(f"no expert named {name!r}", code="expert_not_found")
+    return _describe(expert, registry.sources[name])
+
+
+@router.post(
+    "/v1/experts", dependencies=[Depends(check_admin)], status_code=201,
+    responses=openai_responses(400, 403, 409, 502, 503),
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": ExpertConfig.model_json_schema()}}}},
+    summary="Register an expert (admin); adapter experts are loaded into their vLLM first",
+)
+async def register_expert(request: Request) -> JSONResponse:
+    try:
+        expert = ExpertConfig.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from None
+    registered = await state_of(request.app).registry.register(expert)
+    return JSONResponse(_describe(registered, "api"), status_code=201)
+
+
+@router.delete("/v1/experts/{name}", dependencies=[Depends(check_admin)],
+               responses=openai_responses(403, 404, 409), summary="Remove an API-registered expert (admin)")
+async def delete_expert(name: str, request: Request) -> dict[str, Any]:
+    await state_of(request.app).registry.unregister(name)
+    return {"id": name, "object": "expert", "deleted": True}

@@ -1,0 +1,44 @@
+"""Liveness, readiness (registry valid and at least one backend healthy) and Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from services.api.app import state_of
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health/live", summary="The process is up")
+async def live() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/health/ready", summary="Ready while the registry is valid and a backend is healthy",
+            responses={503: {"description": "not ready; the body says why"}})
+async def ready(request: Request) -> JSONResponse:
+    state = state_of(request.app)
+    backends = {name: b.describe() for name, b in state.pool.all().items()}
+    healthy = any(b["state"] == "healthy" for b in backends.values())
+    body: dict[str, Any] = {
+        "status": "ready" if healthy and not state.draining else "not_ready",
+        "registry": {"valid": True, "experts": len(state.registry.current.experts),
+                     "last_reload_error": state.registry.last_error},
+        "backends": backends,
+    }
+    if state.draining:
+        body["reason"] = "shutting down"
+    elif not healthy:
+        body["reason"] = "no backend is healthy yet"
+    return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics (names start with coe_)")
+async def metrics(request: Request) -> Response:
+    state = state_of(request.app)
+    for name, backend in state.pool.all().items():
+        state.metrics.backend_up.labels(name).set(1 if backend.is_healthy else 0)
+    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
