@@ -64,12 +64,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     make_router(cfg.router)
     resolve_keys(cfg.auth)
     app = create_app(args.config)
+    _GracefulServer = _graceful_server_class()
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=args.drain_timeout, lifespan="on")
-    server = uvicorn.Server(config)
+    server = _GracefulServer(config)
     logging.getLogger("coe").info("serving %s on http://%s:%d/v1", args.config, args.host, args.port)
     server.run()
     return 0 if server.started else 1
+
+
+def _graceful_server_class() -> type:
+    import contextlib
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """Exit 0 after a graceful SIGTERM/SIGINT instead of re-raising the signal (uvicorn's default),
+        so supervisors see a clean stop once in-flight requests drained and managed backends stopped."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):  # type: ignore[no-untyped-def]
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    self._captured_signals.clear()
+
+    return GracefulServer
 
 
 def cmd_build_tiny(args: argparse.Namespace) -> int:

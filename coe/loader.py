@@ -24,7 +24,7 @@ from coe.errors import ConfigError
 
 Loc = Sequence[str | int]
 
-_MERGE_KEY = "<<"
+_MERGE_TAG = "tag:yaml.org,2002:merge"  # the tag a "<<" key resolves to
 # pydantic's schema tags in an error's ``loc``: union members ("int", "str"),
 # validators ("function-after[_check_name(), str]"), dict keys ("[key]").
 _TAG_RE = re.compile(r"^[A-Za-z_][\w-]*(\[.*\])?$|^\[.*\]$", re.DOTALL)
@@ -73,9 +73,9 @@ def _find_key(node: yaml.MappingNode, key: str, seen: set[int]) -> tuple[yaml.No
     found: tuple[yaml.Node, yaml.Node] | None = None
     merged: list[yaml.Node] = []
     for k, v in node.value:
-        if isinstance(k, yaml.ScalarNode) and k.value == key and k.tag != "tag:yaml.org,2002:merge":
+        if isinstance(k, yaml.ScalarNode) and k.value == key and k.tag != _MERGE_TAG:
             found = (k, v)
-        elif isinstance(k, yaml.ScalarNode) and k.tag == "tag:yaml.org,2002:merge":
+        elif isinstance(k, yaml.ScalarNode) and k.tag == _MERGE_TAG:
             merged.extend(v.value if isinstance(v, yaml.SequenceNode) else [v])
     if found is not None or id(node) in seen:
         return found
@@ -123,7 +123,7 @@ def _duplicate_keys(root: yaml.Node | None) -> list[tuple[Loc, str]]:
             for key, value in node.value:
                 if not isinstance(key, yaml.ScalarNode):
                     continue
-                if key.tag != "tag:yaml.org,2002:merge":
+                if key.tag != _MERGE_TAG:
                     ident = (key.tag, key.value)
                     if ident in first:
                         msg = f"duplicate key {key.value!r} (first on line {first[ident]})"
@@ -228,6 +228,7 @@ def _partial_cross_check(data: Mapping[str, Any], base: Path) -> list[tuple[Loc,
     raw_experts = data.get("experts", [])
     names: list[tuple[int, str]] = []
     experts: list[tuple[int, ExpertConfig]] = []
+    dangling: list[tuple[int, str]] = []  # backend names used by experts that are invalid for other reasons
     if isinstance(raw_experts, list):
         for i, raw in enumerate(raw_experts):
             if isinstance(raw, Mapping) and isinstance(raw.get("name"), str):
@@ -235,17 +236,24 @@ def _partial_cross_check(data: Mapping[str, Any], base: Path) -> list[tuple[Loc,
             try:
                 experts.append((i, ExpertConfig.model_validate(raw)))
             except ValidationError:
-                pass
+                ref = raw.get("backend") if isinstance(raw, Mapping) else None
+                if isinstance(ref, str):
+                    dangling.append((i, ref))
     router = data.get("router")
     default = router.get("default_expert") if isinstance(router, Mapping) else None
     if not isinstance(raw_experts, list):  # the experts are unknown: nothing to compare the default with
         default = None
-    return _cross_problems(
+    problems = _cross_problems(
         names=names,
         experts=experts,
         backends=backends,
         default_expert=default if isinstance(default, str) else None,
     )
+    if backends is not None:
+        known = ", ".join(sorted(backends)) or "none declared"
+        problems.extend((("experts", i, "backend"), f"unknown backend {ref!r} (known: {known})")
+                        for i, ref in dangling if ref not in backends)
+    return problems
 
 
 def _resolve(path: Path, base: Path) -> Path:

@@ -71,12 +71,14 @@ def create_stub_app(*, slow_s: float = 5.0, tokens: int = 4, token_delay_s: floa
                                            "type": "NotFoundError", "param": None, "code": 404}}, status_code=404)
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
         if not body.get("stream"):
-            try:
-                if model.endswith("+slow"):
-                    await asyncio.sleep(slow_s)
-            except asyncio.CancelledError:
-                rec.cancelled.append(rid)
-                raise
+            if model.endswith("+slow"):
+                # Like vLLM: watch the connection and abort the work when the caller hangs up.
+                deadline = time.monotonic() + slow_s
+                while time.monotonic() < deadline:
+                    if await request.is_disconnected():
+                        rec.cancelled.append(rid)
+                        return Response(status_code=499)
+                    await asyncio.sleep(0.02)
             rec.completed.append(rid)
             return JSONResponse(_completion(model, "stub answer one two", prompt_tokens))
 

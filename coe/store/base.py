@@ -1,0 +1,130 @@
+"""The state store interface: small JSON documents grouped in namespaces.
+
+coe keeps a little state that must outlive one request: experts registered
+through the API (an overlay over ``experts.yaml``), and later batch jobs and
+files. ``StateStore`` is the one interface for it; ``MemoryStore`` is the
+reference implementation (one process, lost on restart) and ``RedisStore`` the
+durable one. Both pass the same conformance suite (``tests/test_store.py``).
+
+Every record is stored as JSON inside a schema envelope ``{"v": 1, "doc": ...}``
+so a later coe can change a document's shape and still recognise old records;
+a record with a version this coe does not know raises ``StoreError`` rather
+than being misread.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from types import TracebackType
+from typing import Any, ClassVar
+
+import orjson
+
+from coe.errors import StoreError
+
+SCHEMA_VERSION = 1
+"""The envelope version this coe writes and reads."""
+
+NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+"""Namespaces are chosen by code, not users; no ':' so Redis keys stay unambiguous."""
+
+# Fail loudly on datetimes and dataclasses instead of letting orjson quietly turn
+# them into strings and dicts that read back as a different type.
+_DUMP_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+
+
+def check_namespace(namespace: str) -> str:
+    """Reject namespace names that would make store keys ambiguous (a bug in the caller)."""
+    if not isinstance(namespace, str) or not NAMESPACE_RE.match(namespace):
+        raise ValueError(f"invalid store namespace {namespace!r}: use 1-64 letters, digits, '_', '.' or '-'")
+    return namespace
+
+
+def check_key(key: str) -> str:
+    if not isinstance(key, str):
+        raise ValueError(f"store keys are strings, got {type(key).__name__}")
+    return key
+
+
+def encode(namespace: str, key: str, doc: dict[str, Any]) -> bytes:
+    """Wrap ``doc`` in the schema envelope and serialise it; JSON only, never pickle."""
+    if not isinstance(doc, dict):
+        raise StoreError(f"store {namespace}/{key}: documents are JSON objects, got {type(doc).__name__}")
+    try:
+        return orjson.dumps({"v": SCHEMA_VERSION, "doc": doc}, option=_DUMP_OPTIONS)
+    except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
+        raise StoreError(f"store {namespace}/{key}: document is not JSON-serialisable: {exc}") from exc
+
+
+def decode(namespace: str, key: str, raw: bytes | str) -> dict[str, Any]:
+    """Unwrap a stored record, refusing versions and shapes this coe does not understand."""
+    try:
+        record = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise StoreError(f"store {namespace}/{key}: record is not valid JSON: {exc}") from exc
+    if not isinstance(record, dict) or "v" not in record:
+        raise StoreError(f"store {namespace}/{key}: record has no schema envelope {{'v': ..., 'doc': ...}}")
+    version = record["v"]
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        raise StoreError(
+            f"store {namespace}/{key}: record has schema version {version!r}, this coe reads version "
+            f"{SCHEMA_VERSION}; it was written by another coe version (upgrade coe or delete the record)"
+        )
+    doc = record.get("doc")
+    if not isinstance(doc, dict):
+        raise StoreError(f"store {namespace}/{key}: record's 'doc' is not a JSON object")
+    return doc
+
+
+class StateStore(ABC):
+    """Async storage of small JSON documents, ``namespace -> key -> document``.
+
+    Documents hold only JSON types (dict, list, str, int, float, bool, None) and
+    come back as fresh copies, so mutating one never changes the store. Failures
+    of the backing service raise ``coe.errors.StoreError``; an invalid namespace
+    is a bug in the caller and raises ``ValueError``.
+    """
+
+    durable: ClassVar[bool]
+    """Whether state survives a restart of coe (callers warn when it does not)."""
+
+    @abstractmethod
+    async def get(self, namespace: str, key: str) -> dict[str, Any] | None:
+        """The document at ``key``, or None when there is none."""
+
+    @abstractmethod
+    async def put(self, namespace: str, key: str, doc: dict[str, Any]) -> None:
+        """Create or replace the document at ``key``."""
+
+    @abstractmethod
+    async def put_if_absent(self, namespace: str, key: str, doc: dict[str, Any]) -> bool:
+        """Atomically create ``key`` unless it exists; True if this call wrote it.
+
+        Exactly one of many concurrent callers for the same key gets True, which
+        is what makes create-once operations (register an expert) race-free.
+        """
+
+    @abstractmethod
+    async def delete(self, namespace: str, key: str) -> bool:
+        """Remove ``key``; True if it existed."""
+
+    @abstractmethod
+    async def items(self, namespace: str) -> dict[str, dict[str, Any]]:
+        """Every document in ``namespace``, by key (small namespaces: one round trip)."""
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Check the store answers; raises ``StoreError`` when it is unreachable (health checks)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections; the app's lifespan calls this on shutdown."""
+
+    async def __aenter__(self) -> StateStore:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

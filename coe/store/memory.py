@@ -1,0 +1,58 @@
+"""The reference ``StateStore``: a dict in this process, lost when coe stops.
+
+It still round-trips every document through the same JSON envelope as Redis,
+so a caller that works here (no shared mutable state, JSON-only values) works
+against Redis too. Each method runs without awaiting, so on one event loop
+every operation, ``put_if_absent`` included, is atomic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from coe.store.base import StateStore, check_key, check_namespace, decode, encode
+
+
+class MemoryStore(StateStore):
+    """In-process store: the default when no Redis URL is configured."""
+
+    durable = False
+
+    def __init__(self) -> None:
+        self._data: dict[str, dict[str, bytes]] = {}
+
+    async def get(self, namespace: str, key: str) -> dict[str, Any] | None:
+        raw = self._data.get(check_namespace(namespace), {}).get(check_key(key))
+        return None if raw is None else decode(namespace, key, raw)
+
+    async def put(self, namespace: str, key: str, doc: dict[str, Any]) -> None:
+        raw = encode(check_namespace(namespace), check_key(key), doc)
+        self._data.setdefault(namespace, {})[key] = raw
+
+    async def put_if_absent(self, namespace: str, key: str, doc: dict[str, Any]) -> bool:
+        raw = encode(check_namespace(namespace), check_key(key), doc)
+        bucket = self._data.setdefault(namespace, {})
+        if key in bucket:
+            return False
+        bucket[key] = raw
+        return True
+
+    async def delete(self, namespace: str, key: str) -> bool:
+        bucket = self._data.get(check_namespace(namespace))
+        if bucket is None or check_key(key) not in bucket:
+            return False
+        del bucket[key]
+        if not bucket:
+            del self._data[namespace]
+        return True
+
+    async def items(self, namespace: str) -> dict[str, dict[str, Any]]:
+        bucket = self._data.get(check_namespace(namespace), {})
+        return {key: decode(namespace, key, raw) for key, raw in bucket.items()}
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
