@@ -16,6 +16,7 @@ errors (httpx, pydantic, yaml, redis) are mapped to these at the boundary with
     ├── Conflict                     409 conflict
     ├── BackendUnavailable           503 service_unavailable (Retry-After)
     ├── UpstreamError                502 an expert's server answered with an error
+    ├── UpstreamTimeout              504 an expert took longer than its backend's timeouts.total_s
     └── StoreError                   500 the state store failed
 """
 
@@ -113,6 +114,14 @@ class UpstreamError(CoeError):
         self.status = status
         if type is not None:
             self.type = type
+
+
+class UpstreamTimeout(CoeError):
+    """The expert did not finish within ``timeouts.total_s``; not retried (the work was too long, not lost)."""
+
+    status = 504
+    type = "timeout_error"
+    code = "upstream_timeout"
 
 
 class StoreError(CoeError):

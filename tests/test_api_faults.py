@@ -155,3 +155,18 @@ async def test_request_id_reaches_the_upstream(coe: RunningCoe, stub: tuple[str,
     raw = await coe.client().chat.completions.with_raw_response.create(model="fast", messages=MSG)
     assert len(raw.headers["x-request-id"]) == 32  # a new one when the client sends none
     assert record.headers[-1]["x-request-id"] == raw.headers["x-request-id"]
+
+
+async def test_total_timeout_is_504_and_not_retried(stub: tuple[str, StubRecord], tmp_path: Path) -> None:
+    _, record = stub
+    reg = registry(stub[0])
+    reg["backends"]["stub"]["timeouts"] = {"total_s": 0.3}
+    async with running_coe(write_registry(tmp_path / "experts.yaml", reg)) as coe:
+        before = len(record.requests)
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as info:
+            await coe.client().chat.completions.create(model="slow", messages=MSG)
+    assert info.value.status_code == 504
+    assert "timeouts.total_s" in str(info.value)
+    assert time.monotonic() - started < 5
+    assert len(record.requests) - before == 1

@@ -10,6 +10,8 @@ Contract:
 - A candidate whose backend is known to be down is skipped without waiting.
   When every candidate fails: ``BackendUnavailable`` (503 with Retry-After).
 - Once a stream has started, nothing is retried: the caller gets an error event.
+- A non-streaming call longer than ``timeouts.total_s`` is a 504 and is not retried
+  (streams are bounded by ``read_s`` between chunks instead).
 - Concurrency per backend is bounded (``backends.X.max_concurrency``); a stream
   holds its slot until it is closed.
 - Cancelling the awaiting task (client disconnect) closes the upstream
@@ -30,7 +32,7 @@ from coe.backends.base import ChatStream
 from coe.backends.pool import BackendPool, BackendRuntime
 from coe.config import DispatchConfig, ExpertConfig
 from coe.dispatch.body import upstream_body
-from coe.errors import BackendUnavailable, UpstreamError
+from coe.errors import BackendUnavailable, UpstreamError, UpstreamTimeout
 from coe.metrics import Metrics
 
 log = logging.getLogger("coe.dispatch")
@@ -152,10 +154,15 @@ class Dispatcher:
             call = ExpertCall(expert.name, skipped=list(skipped))
             started = time.perf_counter()
             payload = upstream_body(expert, body)
+            total_s = backend.config.timeouts.total_s
             try:
-                async with backend.limit:
+                async with backend.limit, asyncio.timeout(total_s):
                     result: dict[str, Any] = await self._attempts(
                         expert, backend, call, lambda p=payload, b=backend: b.api.chat(p, request_id=request_id))
+            except TimeoutError as exc:
+                self.metrics.expert_calls.labels(expert.name, "timeout").inc()
+                raise UpstreamTimeout(f"expert {expert.name!r} did not answer within {total_s:g}s "
+                                      f"(backends.{backend.name}.timeouts.total_s)") from exc
             except BackendUnavailable as exc:
                 self.metrics.expert_calls.labels(expert.name, "unavailable").inc()
                 last, skipped = exc, [*skipped, expert.name]
