@@ -52,6 +52,9 @@ class LaunchConfig(Strict):
     max_cpu_loras: int | None = Field(None, ge=1)
     max_lora_rank: int = Field(8, ge=1)
     runtime_lora_updating: bool = Field(True, description="allow /v1/load_lora_adapter (needed for POST /v1/experts)")
+    zero_base_adapter: bool = Field(
+        True, description="with LoRA on, serve base-model requests through a zero-weight adapter: vLLM 0.32 on CPU "
+        "gives base requests that share a batch with LoRA requests wrong tokens")
     args: list[str] = Field(default_factory=list, description="extra vLLM command-line arguments")
     env: dict[str, str] = Field(default_factory=dict)
     host: str = "127.0.0.1"
@@ -78,6 +81,8 @@ class BackendConfig(Strict):
     launch: LaunchConfig | None = None
     timeouts: Timeouts = Field(default_factory=Timeouts)
     max_concurrency: int = Field(256, ge=1, description="requests in flight to this server at once")
+    base_adapter: str | None = Field(
+        None, description="send base-model requests as this zero-weight adapter (managed backends set it themselves)")
     adapter_roots: list[Path] = Field(
         default_factory=list, description="folders that API-registered adapter paths must lie under"
     )

@@ -26,6 +26,7 @@ def tiny_registry(server: Any, **overrides: Any) -> dict[str, Any]:
     """A registry over the shared tiny server: a base expert and two adapter experts."""
     reg: dict[str, Any] = {
         "backends": {"tiny": {"url": server.api_url, "adapter_roots": [str(server.model_dir)],
+                              "base_adapter": server.managed.base_adapter,
                               "timeouts": {"read_s": 60, "total_s": 120}}},
         "experts": [
             {"name": "tiny-base", "backend": "tiny", "model": server.served_name, "cost": PRICES,

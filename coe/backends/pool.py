@@ -39,6 +39,7 @@ class BackendRuntime:
     limit: asyncio.Semaphore
     base_url: str
     healthy: bool | None = None
+    base_adapter: str | None = None
     adapter_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     def adapter_lock(self, adapter: str) -> asyncio.Lock:
@@ -100,7 +101,8 @@ class BackendPool:
         transport = self._transport_factory(name) if self._transport_factory else None
         client = make_client(root, cfg.timeouts, self._api_key(name, cfg), cfg.max_concurrency, transport)
         return BackendRuntime(name=name, config=cfg, api=VLLMBackend(name, client), managed=managed,
-                              limit=asyncio.Semaphore(cfg.max_concurrency), base_url=root)
+                              limit=asyncio.Semaphore(cfg.max_concurrency), base_url=root,
+                              base_adapter=cfg.base_adapter)
 
     async def reconcile(self, configs: dict[str, BackendConfig]) -> None:
         """Make the live backends match ``configs``: start new ones, stop removed ones,
@@ -125,6 +127,8 @@ class BackendPool:
                 log.info("starting managed vLLM backend %s on %s (log: %s)", name, runtime.base_url,
                          runtime.managed.log_file)
                 await runtime.managed.start()
+            if runtime.managed is not None:
+                runtime.base_adapter = cfg.base_adapter or runtime.managed.base_adapter
             self._backends[name] = runtime
         if self._health_task is None:
             self._health_task = asyncio.create_task(self._health_loop(), name="coe-backend-health")

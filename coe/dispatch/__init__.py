@@ -153,7 +153,7 @@ class Dispatcher:
         for expert, backend in self._usable(experts):
             call = ExpertCall(expert.name, skipped=list(skipped))
             started = time.perf_counter()
-            payload = upstream_body(expert, body)
+            payload = upstream_body(expert, body, base_adapter=backend.base_adapter)
             total_s = backend.config.timeouts.total_s
             try:
                 async with backend.limit, asyncio.timeout(total_s):
@@ -190,7 +190,7 @@ class Dispatcher:
         for expert, backend in self._usable(experts):
             call = ExpertCall(expert.name, skipped=list(skipped))
             started = time.perf_counter()
-            payload = upstream_body(expert, body, stream=True)
+            payload = upstream_body(expert, body, stream=True, base_adapter=backend.base_adapter)
             await backend.limit.acquire()
             try:
                 stream: ChatStream = await self._attempts(

