@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -235,7 +235,7 @@ async def test_current_version_record_is_readable(harness: Harness) -> None:
 @pytest.mark.parametrize(
     "doc",
     [
-        {"when": datetime(2025, 1, 1, tzinfo=timezone.utc)},
+        {"when": datetime(2025, 1, 1, tzinfo=UTC)},
         {"tags": {"a", "b"}},
         {1: "non-string key"},
         {"obj": object()},

@@ -17,8 +17,8 @@ with SIGKILL.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import contextlib
+import hashlib
 import logging
 import os
 import signal
