@@ -7,6 +7,8 @@
   expert with the same name as an overlay expert wins; the overlay one is hidden
   (and logged) until the file stops naming it.
 - Each snapshot (``Registry``) is immutable; requests keep the one they started with.
+- coe unloads an adapter only when it loaded it (for an API expert) and the last
+  expert using it is removed; adapters the server already served are left alone.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class RegistryManager:
         self.on_reload = on_reload
         self._current: Registry | None = None
         self._overlay: dict[str, ExpertConfig] = {}
+        self._owned: set[tuple[str, str]] = set()  # (backend, adapter) that coe loaded, so may unload
         self._fingerprint: tuple[int, int] | None = None
         self._digest = ""
         self._lock = asyncio.Lock()
@@ -101,6 +104,7 @@ class RegistryManager:
         snapshot = self._snapshot(config)  # may raise ConfigError (unknown router): nothing changed yet
         if self.on_reload is not None:
             self.on_reload(snapshot)  # may refuse it too (e.g. auth keys missing)
+        self.dispatcher.pool.set_health_interval(config.dispatch.health_interval_s)
         await self.dispatcher.pool.reconcile(config.backends)
         self.dispatcher.config = config.dispatch
         self._current = snapshot
@@ -112,7 +116,9 @@ class RegistryManager:
         self._digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
         for name, doc in (await self.store.items(OVERLAY)).items():
             try:
-                self._overlay[name] = ExpertConfig.model_validate(doc)
+                expert = self._overlay[name] = ExpertConfig.model_validate(doc.get("expert"))
+                if doc.get("owns_adapter") and expert.adapter is not None:
+                    self._owned.add((expert.backend, expert.adapter.name))
             except ValidationError as exc:
                 log.error("stored API expert %s is invalid and ignored: %s", name, exc)
         await self._apply(config)
@@ -133,7 +139,8 @@ class RegistryManager:
                 log.error("registry reload refused, previous registry keeps serving: %s", self.last_error)
                 self.metrics.registry_reloads.labels("refused").inc()
                 return False
-            if digest == self._digest:
+            if digest == self._digest:  # e.g. a refused edit was reverted: what serves is the file again
+                self.last_error = None
                 return False
             try:
                 await self._apply(load_registry(self.path))
@@ -197,11 +204,20 @@ class RegistryManager:
                 loc, msg = problems[0]
                 raise InvalidRequest(msg, param=".".join(str(p) for p in loc))
             self._check_adapter_path(expert, current.config)
-            await self.dispatcher.ensure_adapter(expert)
-            doc: dict[str, Any] = expert.model_dump(mode="json", exclude_defaults=True)
+            owns = False
+            if expert.adapter is not None:
+                key = (expert.backend, expert.adapter.name)
+                backend = self.dispatcher.pool.get(expert.backend)
+                served = {m.get("id") for m in await backend.api.list_models()}
+                owns = key in self._owned or expert.adapter.name not in served  # unload only what coe loaded
+                await self.dispatcher.ensure_adapter(expert)
+            doc: dict[str, Any] = {"expert": expert.model_dump(mode="json", exclude_defaults=True),
+                                   "owns_adapter": owns}
             if not await self.store.put_if_absent(OVERLAY, expert.name, doc):
                 raise Conflict(f"an expert named {expert.name!r} already exists (source: api)", param="name")
             self._overlay[expert.name] = expert
+            if owns and expert.adapter is not None:
+                self._owned.add((expert.backend, expert.adapter.name))
             self._current = self._snapshot(current.config)
             log.info("registered API expert %s on backend %s", expert.name, expert.backend)
             return expert
@@ -226,12 +242,15 @@ class RegistryManager:
             return
         current = self.current
         adapter = expert.adapter.name
+        if (expert.backend, adapter) not in self._owned:
+            return  # the server served it before coe was asked to: not coe's to unload
         in_use = any(e.adapter is not None and e.adapter.name == adapter and e.backend == expert.backend
                      for e in current.experts.values())
         launch = current.config.backends[expert.backend].launch if expert.backend in current.config.backends else None
         preloaded = launch is not None and any(m.name == adapter for m in launch.lora_modules)
         if in_use or preloaded:
             return
+        self._owned.discard((expert.backend, adapter))
         backend = self.dispatcher.pool.get(expert.backend)
         async with backend.adapter_lock(adapter):
             try:

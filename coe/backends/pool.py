@@ -104,6 +104,9 @@ class BackendPool:
                               limit=asyncio.Semaphore(cfg.max_concurrency), base_url=root,
                               base_adapter=cfg.base_adapter)
 
+    def set_health_interval(self, seconds: float) -> None:
+        self._health_interval_s = seconds
+
     async def reconcile(self, configs: dict[str, BackendConfig]) -> None:
         """Make the live backends match ``configs``: start new ones, stop removed ones,
         rebuild changed ones (restarting a managed process only if its ``launch`` changed)."""

@@ -19,7 +19,6 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from coe.backends.pool import BackendPool, TransportFactory
-from coe.config import StoreConfig
 from coe.dispatch import Dispatcher
 from coe.loader import load_registry
 from coe.logs import request_id_var
@@ -109,9 +108,10 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = Metrics()
-        state_store = store or open_store(_store_config(config_path))
-        pool = BackendPool(transport_factory=transport_factory)
-        dispatcher = Dispatcher(pool, load_registry(config_path).dispatch, metrics)
+        initial = load_registry(config_path)
+        state_store = store or open_store(initial.store)
+        pool = BackendPool(transport_factory=transport_factory, health_interval_s=initial.dispatch.health_interval_s)
+        dispatcher = Dispatcher(pool, initial.dispatch, metrics)
         state: AppState | None = None
 
         def on_reload(snapshot: Registry) -> None:
@@ -166,10 +166,6 @@ def create_app(
     app.include_router(health_router)
     app.add_middleware(RequestIdMiddleware)
     return app
-
-
-def _store_config(config_path: Path) -> StoreConfig:
-    return load_registry(config_path).store
 
 
 async def _load_overlay_when_ready(manager: RegistryManager, pool: BackendPool) -> None:
