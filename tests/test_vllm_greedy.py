@@ -76,29 +76,35 @@ class Runs:
     """Each (model, prompt) alone, and the same pairs sent at once as one mixed batch."""
 
     models: list[str]
+    zero: str
+    """The zero-weight adapter the managed backend serves the base model through."""
     solo: dict[tuple[str, str], Greedy]
     pairs: list[tuple[str, str]]
     mixed: list[Greedy]
 
-    def problems(self, models: set[str]) -> list[str]:
+    def problems(self, models: set[str], reference: str | None = None) -> list[str]:
+        """Mixed-batch outputs of ``models`` that differ from the solo output of ``reference``
+        (default: the same model alone)."""
         found = (
-            difference(m, p, self.solo[(m, p)], g) for (m, p), g in zip(self.pairs, self.mixed, strict=True)
-            if m in models
+            difference(m, p, self.solo[(reference or m, p)], g)
+            for (m, p), g in zip(self.pairs, self.mixed, strict=True) if m in models
         )  # fmt: skip
         return [d for d in found if d is not None]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def runs(vllm_server: VllmServer) -> Runs:
+    zero = vllm_server.managed.base_adapter
+    assert zero is not None, "a LoRA-enabled managed backend serves a zero-weight base adapter"
     models = [vllm_server.served_name, *LOADED_ADAPTERS]
     async with AsyncOpenAI(base_url=vllm_server.api_url, api_key="x", max_retries=0, timeout=120) as client:
         # Alone: one request at a time, so each runs in a batch of one.
         solo = {(m, p): await greedy(client, m, p) for m in models for p in PROMPTS}
         # Mixed: every (model, prompt) twice, interleaved and sent at once, so the scheduler
         # batches base and adapter requests together (and must swap adapters: max_loras=2 < 3).
-        pairs = [(m, p) for _ in range(2) for p in PROMPTS for m in models]
+        pairs = [(m, p) for _ in range(2) for p in PROMPTS for m in [*models, zero]]
         mixed = list(await asyncio.gather(*(greedy(client, m, p) for m, p in pairs)))
-    return Runs(models=models, solo=solo, pairs=pairs, mixed=mixed)
+    return Runs(models=models, zero=zero, solo=solo, pairs=pairs, mixed=mixed)
 
 
 def test_adapters_change_the_output(runs: Runs) -> None:
@@ -124,3 +130,10 @@ def test_adapter_greedy_same_alone_and_in_mixed_batch(runs: Runs) -> None:
 def test_base_greedy_same_alone_and_in_mixed_batch(runs: Runs) -> None:
     problems = runs.problems({runs.models[0]})
     assert not problems, "base-model greedy output changed inside a mixed batch:\n" + "\n".join(problems)
+
+
+def test_base_through_zero_adapter_same_alone_and_in_mixed_batch(runs: Runs) -> None:
+    """coe's workaround: the base model served through a zero-weight adapter gives, inside a
+    mixed batch, exactly the first 8 greedy tokens the plain base model gives alone."""
+    problems = runs.problems({runs.zero}, reference=runs.models[0])
+    assert not problems, "zero-adapter base output differs from the base alone:\n" + "\n".join(problems)
