@@ -52,7 +52,7 @@ def _matches(token: str, key: str) -> bool:
     return hmac.compare_digest(token.encode(), key.encode())
 
 
-def check_client(request: Request) -> None:
+async def check_client(request: Request) -> None:
     keys: AuthKeys = request.app.state.coe.keys
     if keys.client_keys is None:
         return
@@ -66,10 +66,10 @@ def check_client(request: Request) -> None:
     raise Unauthorized("invalid API key")
 
 
-def check_admin(request: Request) -> None:
+async def check_admin(request: Request) -> None:
     keys: AuthKeys = request.app.state.coe.keys
     if keys.admin_key is None:
-        check_client(request)  # admin checks off never opens the registry wider than the API itself
+        await check_client(request)  # admin checks off never opens the registry wider than the API itself
         return
     token = _bearer(request)
     if token is None:
