@@ -166,6 +166,15 @@ class RouterConfig(Strict):
     fallbacks: int = Field(1, ge=0, description="extra candidates to try when the chosen expert is down")
     seed: int | None = None
 
+    @field_validator("strategy")
+    @classmethod
+    def _known_router(cls, value: str) -> str:
+        from routers import ROUTERS  # the explicit router registry; imported late to avoid a cycle
+
+        if value not in ROUTERS:
+            raise ValueError(f"unknown router {value!r} (known: {', '.join(sorted(ROUTERS))})")
+        return value
+
 
 class PipelineConfig(Strict):
     """Composition settings (owned by the composition pipeline)."""
