@@ -107,6 +107,7 @@ async def create(request: Request, body: ChatCompletionRequest) -> Response:
     state.metrics.in_flight.inc()
     streaming = False
     status = 500
+    answered = ""
     try:
         experts, decision, route = await _candidates(state, body, request, request_id)
         upstream = body.upstream()
@@ -126,6 +127,7 @@ async def create(request: Request, body: ChatCompletionRequest) -> Response:
         result["model"] = expert.name
         result["coe"] = coe_field(decision, [call], request_id)
         status = 200
+        answered = expert.name
         return Response(orjson.dumps(result), media_type="application/json",
                         headers={"x-coe-experts": expert.name})
     except ClientDisconnected:
@@ -137,12 +139,16 @@ async def create(request: Request, body: ChatCompletionRequest) -> Response:
         raise
     finally:
         if not streaming:
-            _done(state, route, status, started, stream=False)
+            _done(state, route, status, started, stream=False, expert=answered)
 
 
-def _done(state: AppState, route: str, status: int, started: float, *, stream: bool) -> None:
+def _done(state: AppState, route: str, status: int, started: float, *, stream: bool, expert: str) -> None:
+    """Count the request and write its one access-log line (the request id is on it via coe.logs)."""
+    elapsed = time.perf_counter() - started
     state.metrics.requests.labels(route, str(status)).inc()
-    state.metrics.request_latency.labels(route, str(stream).lower()).observe(time.perf_counter() - started)
+    state.metrics.request_latency.labels(route, str(stream).lower()).observe(elapsed)
+    log.info("chat %s%s -> %d in %.1f ms%s", route, " stream" if stream else "", status, elapsed * 1000,
+             f" by {expert}" if expert else "")
     state.metrics.in_flight.dec()
     state.leave()
 
@@ -204,4 +210,4 @@ async def _sse(state: AppState, opened: OpenedStream, decision: RoutingDecision,
                                 "type": "internal_error", "param": None, "code": None}})
     finally:
         await opened.aclose()
-        _done(state, route, status, started, stream=True)
+        _done(state, route, status, started, stream=True, expert=name)
