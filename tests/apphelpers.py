@@ -6,8 +6,11 @@ experts are the shared tiny vLLM server's base model and adapters.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +74,18 @@ async def running_coe(config: Path, **app_kwargs: Any) -> AsyncIterator[RunningC
     app = create_app(config, **app_kwargs)
     async with serve_app(app) as url:
         yield RunningCoe(url, app)
+
+
+async def wait_until(check: Callable[[], bool | Awaitable[bool]], timeout: float, what: str,
+                     interval: float = 0.1) -> None:
+    """Poll ``check`` (sync or async) until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout:.0f}s: {what}")
+        await asyncio.sleep(interval)

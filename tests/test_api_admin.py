@@ -15,14 +15,14 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from apphelpers import PRICES, RunningCoe, running_coe, tiny_registry, write_registry
+from apphelpers import PRICES, RunningCoe, running_coe, tiny_registry, wait_until, write_registry
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from redis_server import RedisServer, redis_binary
@@ -39,16 +39,6 @@ MESSAGES: list[Any] = [{"role": "user", "content": "Say hello."}]
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float, what: str, interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if await check():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout:.0f}s: {what}")
-        await asyncio.sleep(interval)
 
 
 async def chat(client: openai.AsyncOpenAI, model: str, **kw: Any) -> Any:

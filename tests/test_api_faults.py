@@ -5,7 +5,6 @@ that breaks, a client that hangs up. Behaviour with real experts is in test_api_
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +14,7 @@ import httpx
 import openai
 import pytest
 import pytest_asyncio
-from apphelpers import RunningCoe, running_coe, write_registry
+from apphelpers import RunningCoe, running_coe, wait_until, write_registry
 
 from coe.testing.server import free_port, serve_app
 from coe.testing.stub_upstream import StubRecord, create_stub_app
@@ -54,21 +53,13 @@ async def coe(stub: tuple[str, StubRecord], tmp_path: Path) -> AsyncIterator[Run
         yield running
 
 
-async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
 async def test_disconnect_cancels_non_streaming_upstream(coe: RunningCoe, stub: tuple[str, StubRecord]) -> None:
     _, record = stub
     async with httpx.AsyncClient(timeout=0.5) as http:
         with pytest.raises(httpx.ReadTimeout):
             await http.post(f"{coe.url}/v1/chat/completions", json={"model": "slow", "messages": MSG},
                             headers={"x-request-id": "gone-early"})
-    await wait_for(lambda: "gone-early" in record.cancelled)
+    await wait_until(lambda: "gone-early" in record.cancelled, 5, "upstream saw the cancellation")
     assert "gone-early" not in record.completed
 
 
@@ -82,7 +73,7 @@ async def test_disconnect_cancels_streaming_upstream(coe: RunningCoe, stub: tupl
             async for line in response.aiter_lines():
                 if line.startswith("data:"):
                     break  # one chunk read, then hang up while the expert is still "thinking"
-    await wait_for(lambda: "stream-gone" in record.cancelled)
+    await wait_until(lambda: "stream-gone" in record.cancelled, 5, "upstream saw the cancellation")
     assert "stream-gone" not in record.completed
 
 

@@ -9,7 +9,6 @@ test to pay its start-up once.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -20,7 +19,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from apphelpers import running_coe, write_registry
+from apphelpers import running_coe, wait_until, write_registry
 
 from coe.backends.launch import group_alive
 
@@ -31,14 +30,8 @@ STARTUP_S = 300.0
 RESTART_S = 240.0
 
 
-async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float, what: str, interval: float = 0.5) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if await check():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout:.0f}s: {what}")
-        await asyncio.sleep(interval)
+async def wait_until_slow(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    await wait_until(check, timeout, what, interval=0.5)
 
 
 def pid_exists(pid: int) -> bool:
@@ -113,7 +106,7 @@ async def test_managed_vllm_lifecycle(vllm_server: Any, tmp_path: Path) -> None:
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == "adapter"
 
-        await wait_until(ready, STARTUP_S, "the managed vLLM becomes ready")
+        await wait_until_slow(ready, STARTUP_S, "the managed vLLM becomes ready")
         body = (await raw.get("/health/ready")).json()
         assert body["backends"]["local"] == {"state": "healthy", "url": managed.base_url, "managed": True,
                                              "restarts": 0, "pid": first_pid}
@@ -127,13 +120,13 @@ async def test_managed_vllm_lifecycle(vllm_server: Any, tmp_path: Path) -> None:
         async def down_reported() -> bool:
             r = await raw.get("/health/ready")
             return r.status_code == 503 and r.json()["backends"]["local"]["state"] in ("crashed", "starting")
-        await wait_until(down_reported, 10, "/health/ready reports the crash", interval=0.1)
+        await wait_until_slow(down_reported, 10, "/health/ready reports the crash", interval=0.1)
         await assert_unavailable(client, within_s=5)
 
         # The monitor restarts it on the same URL.
         async def restarted() -> bool:
             return managed.restarts == 1 and await ready()
-        await wait_until(restarted, RESTART_S, "the managed vLLM is restarted and ready again")
+        await wait_until_slow(restarted, RESTART_S, "the managed vLLM is restarted and ready again")
         second_pid = managed.pid
         assert second_pid is not None and second_pid != first_pid
         assert not group_alive(first_pid), "the killed group left a process behind"

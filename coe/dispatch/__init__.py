@@ -21,11 +21,12 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from coe import usage as usage_mod
 from coe.backends.base import ChatStream
@@ -36,6 +37,8 @@ from coe.errors import BackendUnavailable, UpstreamError, UpstreamTimeout
 from coe.metrics import Metrics
 
 log = logging.getLogger("coe.dispatch")
+
+T = TypeVar("T")
 
 DOWN_STATES = frozenset({"unhealthy", "crashed", "failed", "stopped", "starting"})
 
@@ -115,7 +118,7 @@ class Dispatcher:
         return up
 
     async def _attempts(self, expert: ExpertConfig, backend: BackendRuntime, call: ExpertCall,
-                        fn: Any) -> Any:
+                        fn: Callable[[], Awaitable[T]]) -> T:
         """Run ``fn()`` against one expert with the retry policy; the last error propagates."""
         delay = self.config.backoff_s
         reloaded = False
@@ -157,8 +160,8 @@ class Dispatcher:
             total_s = backend.config.timeouts.total_s
             try:
                 async with backend.limit, asyncio.timeout(total_s):
-                    result: dict[str, Any] = await self._attempts(
-                        expert, backend, call, lambda p=payload, b=backend: b.api.chat(p, request_id=request_id))
+                    result = await self._attempts(
+                        expert, backend, call, functools.partial(backend.api.chat, payload, request_id=request_id))
             except TimeoutError as exc:
                 self.metrics.expert_calls.labels(expert.name, "timeout").inc()
                 raise UpstreamTimeout(f"expert {expert.name!r} did not answer within {total_s:g}s "
@@ -193,9 +196,9 @@ class Dispatcher:
             payload = upstream_body(expert, body, stream=True, base_adapter=backend.base_adapter)
             await backend.limit.acquire()
             try:
-                stream: ChatStream = await self._attempts(
+                stream = await self._attempts(
                     expert, backend, call,
-                    lambda p=payload, b=backend: b.api.open_chat_stream(p, request_id=request_id))
+                    functools.partial(backend.api.open_chat_stream, payload, request_id=request_id))
             except BackendUnavailable as exc:
                 backend.limit.release()
                 self.metrics.expert_calls.labels(expert.name, "unavailable").inc()

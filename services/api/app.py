@@ -113,6 +113,7 @@ def create_app(
         pool = BackendPool(transport_factory=transport_factory, health_interval_s=initial.dispatch.health_interval_s)
         dispatcher = Dispatcher(pool, initial.dispatch, metrics)
         state: AppState | None = None
+        overlay_task: asyncio.Task[None] | None = None
 
         def on_reload(snapshot: Registry) -> None:
             keys = resolve_keys(snapshot.config.auth)
@@ -130,7 +131,7 @@ def create_app(
             if not state_store.durable:
                 log.warning("state store is in memory: experts registered through the API do not survive a "
                             "restart (set store.redis_url or COE_REDIS_URL for durable state)")
-            overlay = asyncio.create_task(_load_overlay_when_ready(manager, pool))
+            overlay_task = asyncio.create_task(_load_overlay_when_ready(manager, pool))
             log.info("coe ready to accept requests: %d experts, %d backends", len(registry.experts),
                      len(registry.config.backends))
             yield
@@ -140,8 +141,8 @@ def create_app(
                 log.info("draining %d in-flight requests (up to %.0fs)", state.in_flight, drain_timeout_s)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(state.idle.wait(), drain_timeout_s)
-            if "overlay" in locals():
-                overlay.cancel()
+            if overlay_task is not None:
+                overlay_task.cancel()
             await manager.aclose()
             await pool.aclose()
             await state_store.close()

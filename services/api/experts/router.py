@@ -10,13 +10,12 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 
 from coe.config import ExpertConfig
 from coe.errors import NotFound
 from services.api.app import state_of
 from services.api.auth import check_admin, check_client
-from services.api.errors import openai_responses, validation_error
+from services.api.errors import json_body, openai_responses, parse_body
 
 router = APIRouter(tags=["experts"])
 
@@ -43,15 +42,11 @@ async def get_expert(name: str, request: Request) -> dict[str, Any]:
 @router.post(
     "/v1/experts", dependencies=[Depends(check_admin)], status_code=201,
     responses=openai_responses(400, 403, 409, 502, 503),
-    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-        "schema": ExpertConfig.model_json_schema()}}}},
+    openapi_extra=json_body(ExpertConfig),
     summary="Register an expert (admin); adapter experts are loaded into their vLLM first",
 )
 async def register_expert(request: Request) -> JSONResponse:
-    try:
-        expert = ExpertConfig.model_validate_json(await request.body())
-    except ValidationError as exc:
-        raise validation_error(exc.errors()) from None
+    expert = await parse_body(request, ExpertConfig)
     registered = await state_of(request.app).registry.register(expert)
     return JSONResponse(_describe(registered, "api"), status_code=201)
 
