@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,6 @@ MESSAGES: list[Any] = [{"role": "user", "content": "Say hello."}]
 ARGS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager"]
 STARTUP_S = 300.0
 RESTART_S = 240.0
-
-
-async def wait_until_slow(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    await wait_until(check, timeout, what, interval=0.5)
 
 
 def pid_exists(pid: int) -> bool:
@@ -106,7 +101,7 @@ async def test_managed_vllm_lifecycle(vllm_server: Any, tmp_path: Path) -> None:
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == "adapter"
 
-        await wait_until_slow(ready, STARTUP_S, "the managed vLLM becomes ready")
+        await wait_until(ready, STARTUP_S, "the managed vLLM becomes ready", interval=0.5)
         body = (await raw.get("/health/ready")).json()
         assert body["backends"]["local"] == {"state": "healthy", "url": managed.base_url, "managed": True,
                                              "restarts": 0, "pid": first_pid}
@@ -120,13 +115,13 @@ async def test_managed_vllm_lifecycle(vllm_server: Any, tmp_path: Path) -> None:
         async def down_reported() -> bool:
             r = await raw.get("/health/ready")
             return r.status_code == 503 and r.json()["backends"]["local"]["state"] in ("crashed", "starting")
-        await wait_until_slow(down_reported, 10, "/health/ready reports the crash", interval=0.1)
+        await wait_until(down_reported, 10, "/health/ready reports the crash", interval=0.1)
         await assert_unavailable(client, within_s=5)
 
         # The monitor restarts it on the same URL.
         async def restarted() -> bool:
             return managed.restarts == 1 and await ready()
-        await wait_until_slow(restarted, RESTART_S, "the managed vLLM is restarted and ready again")
+        await wait_until(restarted, RESTART_S, "the managed vLLM is restarted and ready again", interval=0.5)
         second_pid = managed.pid
         assert second_pid is not None and second_pid != first_pid
         assert not group_alive(first_pid), "the killed group left a process behind"
