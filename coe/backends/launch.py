@@ -264,7 +264,11 @@ class ManagedVLLM:
             return
         self._stopping = False
         self._crashes_since_healthy = 0
-        await self.prepare_zero_adapter()
+        try:
+            await self.prepare_zero_adapter()
+        except Exception:
+            logger.exception("vLLM %r: could not build the zero base adapter; base-model requests that share "
+                             "a batch with LoRA requests may get wrong tokens on vLLM CPU", self.name)
         self._spawn()
         self._monitor = asyncio.create_task(self._watch(), name=f"coe.launch:{self.name}")
 

@@ -160,10 +160,12 @@ def create_app(
     from services.api.experts.router import router as experts_router
     from services.api.health.router import router as health_router
     from services.api.models.router import router as models_router
+    from services.api.route.router import router as route_router
 
     app.include_router(chat_router)
     app.include_router(models_router)
     app.include_router(experts_router)
+    app.include_router(route_router)
     app.include_router(health_router)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -1,0 +1,135 @@
+"""Routing without answering: the decision record ``coe route`` writes and ``POST /v1/route``
+returns, and the reading of route inputs, where every bad line is found before anything runs.
+
+Input lines are ``{"id": ..., "question": ...}`` or OpenAI batch lines
+(``custom_id``, ``body.messages``; then ``id`` = ``custom_id``); other keys are
+ignored; blank lines are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coe.errors import InvalidRequest
+from routers.base import RoutingDecision
+
+CANDIDATES = 5
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+@dataclass(frozen=True)
+class RouteInput:
+    id: Any
+    messages: list[dict[str, Any]]
+    line: int
+
+
+class RouteInputError(InvalidRequest):
+    """Some input lines are bad; ``problems`` lists each as ``line N: why``."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
+        super().__init__(f"{source}: {len(problems)} bad line(s); nothing was routed:\n" + "\n".join(shown))
+        self.problems = problems
+
+
+def _messages_problem(messages: Any) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return "'body.messages' must be a non-empty list"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            return f"'body.messages[{i}]' needs a 'role' ({', '.join(sorted(ROLES))})"
+        if not isinstance(m.get("content"), str | list | None):
+            return f"'body.messages[{i}].content' must be a string or a list of parts"
+    return None
+
+
+def parse_line(text: str, number: int) -> RouteInput | str:
+    """One input line, or why it is bad."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON ({exc.msg} at column {exc.colno})"
+    if not isinstance(obj, dict):
+        return "must be a JSON object"
+    if "custom_id" in obj:
+        body = obj.get("body")
+        if not isinstance(body, dict):
+            return "an OpenAI batch line needs a 'body' object with 'messages'"
+        problem = _messages_problem(body.get("messages"))
+        if problem:
+            return problem
+        if not isinstance(obj["custom_id"], str | int) or obj["custom_id"] == "":
+            return "'custom_id' must be a non-empty string or an integer"
+        return RouteInput(obj["custom_id"], list(body["messages"]), number)
+    if "question" in obj or "id" in obj:
+        if not isinstance(obj.get("id"), str | int) or obj.get("id") == "":
+            return "'id' must be a non-empty string or an integer"
+        question = obj.get("question")
+        if not isinstance(question, str) or not question.strip():
+            return "'question' must be a non-empty string"
+        return RouteInput(obj["id"], [{"role": "user", "content": question}], number)
+    return "expected {'id', 'question'} or an OpenAI batch line {'custom_id', 'body': {'messages'}}"
+
+
+def read_inputs(path: Path) -> list[RouteInput]:
+    """Every line checked first: raises ``RouteInputError`` listing every bad line number."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"{path}: cannot read: {exc}") from exc
+    inputs: list[RouteInput] = []
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        parsed = parse_line(line, number)
+        if isinstance(parsed, str):
+            problems.append(f"line {number}: {parsed}")
+            continue
+        key = json.dumps(parsed.id)
+        if key in seen:
+            problems.append(f"line {number}: duplicate id {parsed.id!r} (also line {seen[key]})")
+            continue
+        seen[key] = number
+        inputs.append(parsed)
+    if problems:
+        raise RouteInputError(str(path), problems)
+    return inputs
+
+
+def record(id: Any, decision: RoutingDecision, latency_ms: float) -> dict[str, Any]:
+    """The decision as ``coe route`` writes it and ``POST /v1/route`` returns it."""
+    return {
+        "id": id,
+        "category": decision.category,
+        "confidence": decision.confidence,
+        "fallback": decision.fallback,
+        "skills": list(decision.skills),
+        "experts": [e.model_dump() for e in decision.experts],
+        "candidates": [c.model_dump() for c in (decision.candidates or decision.experts)[:CANDIDATES]],
+        "latency_ms": round(latency_ms, 3),
+        "router": decision.router,
+        "reason": decision.reason,
+    }
+
+
+def summary(records: Sequence[dict[str, Any]], seconds: float) -> str:
+    """The human summary ``coe route`` prints to stderr."""
+    n = len(records)
+    if not n:
+        return "routed 0 queries"
+    tops: dict[str, int] = {}
+    for r in records:
+        name = r["experts"][0]["name"] if r["experts"] else "(none)"
+        tops[name] = tops.get(name, 0) + 1
+    latencies = sorted(r["latency_ms"] for r in records)
+    fallbacks = sum(1 for r in records if r["fallback"])
+    by_expert = ", ".join(f"{k} {v}" for k, v in sorted(tops.items(), key=lambda kv: -kv[1]))
+    return (f"routed {n} queries in {seconds:.2f}s ({n / seconds if seconds else 0:.0f}/s); "
+            f"fallback {fallbacks}; latency p50 {latencies[n // 2]:.2f} ms; first choice: {by_expert}")
