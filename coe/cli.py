@@ -133,6 +133,42 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Measure every expert on labelled questions; write profiles (JSON) and every scored answer (JSONL)."""
+    import asyncio
+    import json
+
+    from coe.logs import configure
+    from coe.profiling import default_skills_field, read_items, run_profile
+
+    configure("warning")
+    cfg = load_registry(args.config)
+    items = read_items(Path(args.data), limit=args.limit, seed=args.seed)
+    wanted = args.experts.split(",") if args.experts else [e.name for e in cfg.experts]
+    unknown = [n for n in wanted if cfg.expert(n) is None]
+    if unknown:
+        raise ConfigError([f"--experts: unknown expert(s): {', '.join(unknown)}"])
+    experts = [e for e in cfg.experts if e.name in wanted]
+    field = args.skills or default_skills_field(items)
+    print(f"profiling {len(experts)} expert(s) on {len(items)} question(s) from {args.data} "
+          f"(skills: {field})", file=sys.stderr)
+    run = asyncio.run(run_profile(cfg, items, skills_field=field, experts=experts, concurrency=args.concurrency,
+                                  max_tokens=args.max_tokens, source=str(args.data),
+                                  progress=lambda line: print(line, file=sys.stderr)))
+    out = Path(args.output) if args.output else Path(args.config).resolve().parent / ".coe" / "profiles.json"
+    run.profiles.save(out)
+    results = out.with_name(out.stem + "-answers.jsonl")
+    results.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in run.records), encoding="utf-8")
+    scored = [r["chance"] for r in run.records if "chance" in r]
+    chance = sum(scored) / max(1, len(scored))
+    print(f"\n{'EXPERT':<16} {'ANSWERED':>8} {'CORRECT':>8} {'ACCURACY':>9}  (chance {chance:.3f})")
+    for name, p in run.profiles.experts.items():
+        print(f"{name:<16} {p.answered:>8} {p.correct:>8} {p.accuracy or 0:>9.3f}")
+    errors = sum(1 for r in run.records if "error" in r)
+    print(f"\nprofiles: {out}\nanswers: {results}\nerrors: {errors}; {run.seconds:.0f}s", file=sys.stderr)
+    return 0 if errors == 0 else 1
+
+
 def cmd_build_tiny(args: argparse.Namespace) -> int:
     from coe.models.tiny import build_tiny
 
@@ -175,6 +211,18 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("--input", required=True, help="JSONL: {id, question} or OpenAI batch lines")
     route.add_argument("--output", help="JSONL decisions, one per input line (default: stdout)")
     route.add_argument("--batch-size", type=int, default=64)
+
+    profile = command(sub.add_parser("profile", help="measure experts on labelled questions; write profiles"),
+                      cmd_profile)
+    profile.add_argument("--data", required=True, help="JSONL with question, answer, choices, labels")
+    profile.add_argument("--limit", type=int, help="a seeded random sample of this many questions")
+    profile.add_argument("--seed", type=int, default=0)
+    profile.add_argument("--skills", help="dotted path to each question's skills (default: labels.keywords "
+                                          "or labels.subject)")
+    profile.add_argument("--experts", help="comma-separated expert names (default: all)")
+    profile.add_argument("--output", help="profiles JSON (default: .coe/profiles.json next to the config)")
+    profile.add_argument("--concurrency", type=int, default=8)
+    profile.add_argument("--max-tokens", type=int, default=16)
 
     models = sub.add_parser("models", help="build local models offline").add_subparsers(
         dest="models_command", required=True, metavar="SUBCOMMAND")

@@ -1,0 +1,128 @@
+"""``coe profile``: run every expert on labelled validation questions, score the answers,
+and write per-expert, per-skill profiles (see ``coe.profiles``).
+
+Calls go through the dispatcher like any request (retries, fallback off: one
+expert per call). Work is grouped per expert, as Symbolic-MoE does offline: one
+expert's whole group runs before the next, so a backend that swaps models or
+adapters loads each once. A question an expert could not be reached for is
+recorded as an error and left out of its profile (it is not "wrong").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coe.backends.pool import BackendPool
+from coe.config import ExpertConfig, RegistryConfig
+from coe.dispatch import Dispatcher
+from coe.errors import BackendUnavailable, CoeError, InvalidRequest
+from coe.metrics import Metrics
+from coe.profiles import Outcome, ProfileSet, build_profiles, skills_of
+from coe.scoring import chance, format_question, is_correct
+
+log = logging.getLogger("coe.profile")
+
+
+@dataclass
+class ProfileRun:
+    profiles: ProfileSet
+    records: list[dict[str, Any]]
+    seconds: float
+
+
+def read_items(path: Path, *, limit: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """Labelled questions (``question``, ``answer``, optional ``choices``); every bad line is reported."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"{path}: cannot read: {exc}") from exc
+    items, problems = [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"line {number}: not valid JSON ({exc.msg})")
+            continue
+        if not isinstance(item, dict) or not isinstance(item.get("question"), str) or "answer" not in item:
+            problems.append(f"line {number}: needs 'question' (a string) and 'answer'")
+            continue
+        item.setdefault("id", f"line-{number}")
+        items.append(item)
+    if problems:
+        raise InvalidRequest(f"{path}: {len(problems)} bad line(s):\n" + "\n".join(problems[:50]))
+    if limit is not None and limit < len(items):
+        items = random.Random(seed).sample(items, limit)
+    return items
+
+
+def default_skills_field(items: list[dict[str, Any]]) -> str:
+    """``labels.keywords`` when the data has keywords (BIG-bench), else ``labels.subject`` (MMLU)."""
+    for field in ("labels.keywords", "labels.subject", "labels.subcategory"):
+        if items and skills_of(items[0], field):
+            return field
+    raise InvalidRequest("the data has no labels.keywords or labels.subject: pass --skills FIELD")
+
+
+async def _wait_ready(pool: BackendPool, names: set[str], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        await pool.check_health()
+        states = {n: pool.get(n).state for n in names}
+        if all(s == "healthy" for s in states.values()):
+            return
+        if any(s == "failed" for s in states.values()) or time.monotonic() > deadline:
+            raise BackendUnavailable(f"backends not ready: {states}")
+        await asyncio.sleep(1)
+
+
+async def run_profile(cfg: RegistryConfig, items: list[dict[str, Any]], *, skills_field: str,
+                      experts: list[ExpertConfig], concurrency: int = 8, max_tokens: int = 16,
+                      ready_timeout_s: float = 900, source: str = "",
+                      progress: Callable[[str], None] = lambda _: None) -> ProfileRun:
+    started = time.perf_counter()
+    pool = BackendPool(health_interval_s=cfg.dispatch.health_interval_s)
+    records: list[dict[str, Any]] = []
+    try:
+        await pool.reconcile({n: b for n, b in cfg.backends.items() if n in {e.backend for e in experts}})
+        await _wait_ready(pool, {e.backend for e in experts}, ready_timeout_s)
+        dispatcher = Dispatcher(pool, cfg.dispatch, Metrics())
+        for expert in experts:  # one expert's whole group at a time
+            gate = asyncio.Semaphore(concurrency)
+            t0 = time.perf_counter()
+
+            async def one(item: dict[str, Any], expert: ExpertConfig = expert,
+                          gate: asyncio.Semaphore = gate) -> dict[str, Any]:
+                body = {"messages": [{"role": "user", "content": format_question(item)}],
+                        "max_tokens": max_tokens, "temperature": 0}
+                async with gate:
+                    try:
+                        result, _, call = await dispatcher.chat([expert], body,
+                                                                request_id=f"profile-{expert.name}-{item['id']}")
+                    except CoeError as exc:
+                        return {"expert": expert.name, "id": item["id"], "error": exc.message}
+                text = str(result["choices"][0]["message"].get("content") or "")
+                return {"expert": expert.name, "id": item["id"], "answer": text,
+                        "correct": is_correct(item, text), "skills": list(skills_of(item, skills_field)),
+                        "chance": chance(item), "usage": call.usage}
+
+            group = await asyncio.gather(*(one(item) for item in items))
+            records += group
+            done = [r for r in group if "correct" in r]
+            accuracy = sum(r["correct"] for r in done) / len(done) if done else 0.0
+            progress(f"{expert.name}: {len(done)}/{len(items)} answered, accuracy {accuracy:.3f} "
+                     f"({time.perf_counter() - t0:.0f}s)")
+    finally:
+        await pool.aclose()
+    outcomes = [Outcome(r["expert"], tuple(r["skills"]), r["correct"]) for r in records if "correct" in r]
+    profiles = build_profiles(outcomes, source=source, skills_field=skills_field)
+    return ProfileRun(profiles, records, time.perf_counter() - started)
