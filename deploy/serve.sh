@@ -44,10 +44,9 @@ mkdir -p "$LOG_DIR"
 [[ -f "$CONFIG" ]] || die "$CONFIG not found (run from a checkout of the repository, or set COE_CONFIG)"
 
 # --- demo model -----------------------------------------------------------------------------------
-if [[ ! -f models/gemma-3-270m/coe-build.json ]]; then
-    log "building the demo model into models/gemma-3-270m (first run only)"
-    "$COE" models build-gemma models/gemma-3-270m
-fi
+# Always asked: a no-op (~1 s) when the build is current, a rebuild when its recipe changed.
+[[ -f models/gemma-3-270m/coe-build.json ]] || log "building the demo model into models/gemma-3-270m (first run only)"
+"$COE" models build-gemma models/gemma-3-270m
 
 # --- start the server ---------------------------------------------------------------------------
 if curl -s -o /dev/null --max-time 2 "$BASE/" 2>/dev/null; then
