@@ -288,6 +288,8 @@ class OnnxMiniLM(Embedder):
         with _locked(self.cache_path):
             if _is_ready(target):  # another process finished it while we waited
                 return target
+            for stale in self.cache_path.glob(".build-*"):  # left by a builder that crashed
+                shutil.rmtree(stale, ignore_errors=True)
             work = Path(tempfile.mkdtemp(prefix=".build-", dir=self.cache_path))
             try:
                 if not _is_ready(fp32):
