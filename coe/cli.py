@@ -42,10 +42,7 @@ def describe_registry(cfg: RegistryConfig) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    cfg = load_registry(args.config)
-    from routers import make_router
-
-    make_router(cfg.router)
+    cfg = load_registry(args.config)  # the router's strategy is checked here; its classifier is not fitted
     print(describe_registry(cfg))
     print(f"\n{args.config}: ok ({len(cfg.experts)} experts, {len(cfg.backends)} backends)")
     return 0
@@ -61,7 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     configure(args.log_level)
     cfg = load_registry(args.config)  # fail fast, with the file's own error lines
-    make_router(cfg.router)
+    make_router(cfg)  # and fit the router's classifier now, if it needs one, with its progress on stderr
     resolve_keys(cfg.auth)
     app = create_app(args.config)
     _GracefulServer = _graceful_server_class()
@@ -99,25 +96,27 @@ def cmd_route(args: argparse.Namespace) -> int:
     import json
     import time
 
+    from coe.profiling import annotator_completer
     from coe.routing import read_inputs, record, summary
     from routers import RouteRequest, make_router
 
     cfg = load_registry(args.config)
-    router = make_router(cfg.router)
-    inputs = read_inputs(Path(args.input))  # every line checked before anything is routed or written
+    inputs = read_inputs(Path(args.input))  # every line checked before anything is loaded, routed or written
     if not cfg.experts:
         raise ConfigError([f"{args.config}: no experts to route to"])
 
     async def run() -> list[dict[str, object]]:
-        out: list[dict[str, object]] = []
-        for start in range(0, len(inputs), args.batch_size):
-            batch = inputs[start:start + args.batch_size]
-            requests = [RouteRequest(messages=i.messages, request_id=str(i.id)) for i in batch]
-            t0 = time.perf_counter()
-            decisions = await router.route_many(requests, cfg.experts)
-            each_ms = (time.perf_counter() - t0) * 1000 / len(batch)  # amortized over the batch
-            out += [record(i.id, d, each_ms) for i, d in zip(batch, decisions, strict=True)]
-        return out
+        async with annotator_completer(cfg) as complete:  # None unless skills.mode is "annotator"
+            router = await asyncio.to_thread(make_router, cfg, complete)
+            out: list[dict[str, object]] = []
+            for start in range(0, len(inputs), args.batch_size):
+                batch = inputs[start:start + args.batch_size]
+                requests = [RouteRequest(messages=i.messages, request_id=str(i.id)) for i in batch]
+                t0 = time.perf_counter()
+                decisions = await router.route_many(requests, cfg.experts)
+                each_ms = (time.perf_counter() - t0) * 1000 / len(batch)  # amortized over the batch
+                out += [record(i.id, d, each_ms) for i, d in zip(batch, decisions, strict=True)]
+            return out
 
     started = time.perf_counter()
     records = asyncio.run(run())
@@ -139,6 +138,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     import json
 
     from coe.logs import configure
+    from coe.profiles import ProfileSet
     from coe.profiling import default_skills_field, read_items, run_profile
 
     configure("warning")
@@ -156,7 +156,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
                                   max_tokens=args.max_tokens, source=str(args.data),
                                   progress=lambda line: print(line, file=sys.stderr)))
     out = Path(args.output) if args.output else Path(args.config).resolve().parent / ".coe" / "profiles.json"
-    run.profiles.save(out)
+    profiles = run.profiles
+    if args.merge and out.exists():  # keep the other experts' measured profiles
+        previous = ProfileSet.load(out)
+        previous.experts.update(profiles.experts)
+        profiles = previous
+    profiles.save(out)
     results = out.with_name(out.stem + "-answers.jsonl")
     results.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in run.records), encoding="utf-8")
     scored = [r["chance"] for r in run.records if "chance" in r]
@@ -167,6 +172,37 @@ def cmd_profile(args: argparse.Namespace) -> int:
     errors = sum(1 for r in run.records if "error" in r)
     print(f"\nprofiles: {out}\nanswers: {results}\nerrors: {errors}; {run.seconds:.0f}s", file=sys.stderr)
     return 0 if errors == 0 else 1
+
+
+def cmd_router_fit(args: argparse.Namespace) -> int:
+    """Fit level 1 on labelled data and the registry's descriptions; print what was measured."""
+    import json
+
+    from coe.embed import load_embedder
+    from coe.fit import fit, write_artifact
+
+    cfg = load_registry(args.config)
+    updates: dict[str, object] = {}
+    if args.data:
+        updates["data"] = Path(args.data).resolve()
+        if cfg.router.data is not None and cfg.router.data != updates["data"]:
+            print(f"warning: {args.config} names router.data {cfg.router.data}: 'coe serve' and 'coe route' "
+                  "will refit from that file unless you change it", file=sys.stderr)
+    for key, value in (("label", args.label), ("fine_label", args.fine_label)):
+        if value:
+            updates[key] = value
+    if args.no_choices_view:
+        updates["choices_view"] = False
+    if args.output:
+        updates["artifact"] = Path(args.output).resolve()
+    cfg = cfg.model_copy(update={"router": cfg.router.model_copy(update=updates)})
+    embedder = load_embedder(cfg.router.embedder)
+    result = fit(cfg, embedder, progress=lambda line: print(line, file=sys.stderr))
+    assert cfg.router.artifact is not None
+    write_artifact(result.classifier, cfg.router.artifact)
+    print(json.dumps(result.report, indent=2))
+    print(f"artifact: {cfg.router.artifact}", file=sys.stderr)
+    return 0
 
 
 def cmd_build_tiny(args: argparse.Namespace) -> int:
@@ -223,6 +259,21 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--output", help="profiles JSON (default: .coe/profiles.json next to the config)")
     profile.add_argument("--concurrency", type=int, default=8)
     profile.add_argument("--max-tokens", type=int, default=16)
+
+    profile.add_argument("--merge", action="store_true",
+                         help="update only these experts' profiles in the existing file (a newly registered expert)")
+
+    router = sub.add_parser("router", help="the two-level router's classifier").add_subparsers(
+        dest="router_command", required=True, metavar="SUBCOMMAND")
+    fit = command(router.add_parser("fit", help="fit the level-1 classifier; write its artifact folder"),
+                  cmd_router_fit)
+    fit.add_argument("--data", help="labelled JSONL (default: router.data in the config)")
+    fit.add_argument("--label", help="dotted path of the category label, e.g. labels.subcategory "
+                                     "(default: router.label)")
+    fit.add_argument("--fine-label", help="optional finer label the linear head is trained on, e.g. labels.subject")
+    fit.add_argument("--output", help="artifact folder (default: router.artifact, .coe/router next to the config)")
+    fit.add_argument("--no-choices-view", action="store_true",
+                     help="train on questions only, not also on question + choices (halves the time)")
 
     models = sub.add_parser("models", help="build local models offline").add_subparsers(
         dest="models_command", required=True, metavar="SUBCOMMAND")

@@ -158,13 +158,73 @@ class AuthConfig(Strict):
     admin_key_env: str = Field("COE_ADMIN_KEY", description="the admin key (registry changes)")
 
 
+class CategoryConfig(Strict):
+    """A level-1 category: what it covers, in words and example queries (both become training examples)."""
+
+    description: str = ""
+    examples: list[str] = Field(default_factory=list)
+
+
+class SkillsConfig(Strict):
+    """How level 2 finds a query's skills."""
+
+    mode: Literal["embedding", "annotator"] = Field(
+        "embedding", description="embedding: nearest skills of the profile vocabulary (no LLM call); "
+        "annotator: an expert is asked for keywords, as in Symbolic-MoE")
+    top: int = Field(3, ge=1, le=20, description="skills kept per query")
+    min_similarity: float = Field(0.25, ge=-1, le=1, description="embedding mode: weakest skill match kept")
+    strong_similarity: float = Field(
+        0.55, ge=-1, le=1, description="a skill match this close counts as strong (fewer experts recruited)")
+    annotator: str | None = Field(None, description="annotator mode: the expert asked for keywords")
+    samples: int = Field(5, ge=1, le=20, description="annotator mode: answers sampled per query")
+    min_count: int = Field(2, ge=1, description="annotator mode: keep keywords seen in at least this many samples")
+
+    @model_validator(mode="after")
+    def _annotator_named(self) -> SkillsConfig:
+        if self.mode == "annotator" and not self.annotator:
+            raise ValueError("mode 'annotator' needs 'annotator': the expert that names a query's skills")
+        if self.min_count > self.samples:
+            raise ValueError(f"min_count ({self.min_count}) cannot exceed samples ({self.samples})")
+        return self
+
+
 class RouterConfig(Strict):
-    """Which router answers ``model="coe"``; the two-level router extends this section."""
+    """Which router answers ``model="coe"`` and how the two-level router is fitted and tuned.
+
+    Which experts serve a category comes from the experts' own ``categories``.
+    """
 
     strategy: str = Field("default", description="a name in routers.ROUTERS")
     default_expert: str | None = Field(None, description="the expert the 'default' router picks; default: the first")
     fallbacks: int = Field(1, ge=0, description="extra candidates to try when the chosen expert is down")
-    seed: int | None = None
+    seed: int | None = Field(None, description="seeds random choices (the random router, level-2 sampling)")
+    # level 1: the category classifier
+    generalist: str | None = Field(None, description="the expert for queries no category fits confidently")
+    categories: dict[str, CategoryConfig] = Field(default_factory=dict)
+    data: Path | None = Field(None, description="labelled JSONL the classifier is fitted on")
+    label: str = Field("category", description="dotted path of the category label in each data line")
+    fine_label: str | None = Field(
+        None, description="optional finer label (e.g. labels.subject) the linear head is trained on")
+    choices_view: bool = Field(
+        True, description="also train on question + choices for lines that have choices (doubles embedding time)")
+    artifact: Path | None = Field(None, description="fitted classifier folder; default: .coe/router next to the YAML")
+    auto_fit: bool = Field(True, description="fit the classifier when the artifact is missing or stale")
+    embedder: str = Field("onnx", description="a name in coe.embed.EMBEDDERS")
+    threshold: float = Field(0.5, ge=0, le=1, description="calibrated confidence below which the generalist joins")
+    topic_change: float = Field(
+        0.7, ge=0, le=1, description="confidence a new category needs to move a session off its experts")
+    session_ttl_s: float = Field(1800.0, gt=0, description="how long a session keeps its experts without a turn")
+    # level 2: skill-based recruitment
+    k_min: int = Field(1, ge=1, description="experts recruited for an easy query")
+    k_max: int = Field(3, ge=1, description="experts recruited for a hard one")
+    selection: Literal["top-k", "sample"] = Field("top-k", description="sample: draw k in proportion to score")
+    level2_weight: float = Field(
+        0.3, ge=0, le=1, description="share of level 2 (skills x profiles) in an expert's score; the rest is level 1")
+    profiles: Path | None = Field(None, description="profiles from 'coe profile'; default: .coe/profiles.json "
+                                  "next to the YAML when it exists, else synthetic ones from declarations")
+    tau: float = Field(0.5, gt=0, description="Symbolic-MoE temperature of global strength")
+    skills: SkillsConfig = Field(default_factory=SkillsConfig)
+    aggregator: str | None = Field(None, description="fixed aggregator; default: the best aggregation score")
 
     @field_validator("strategy")
     @classmethod
@@ -174,6 +234,18 @@ class RouterConfig(Strict):
         if value not in ROUTERS:
             raise ValueError(f"unknown router {value!r} (known: {', '.join(sorted(ROUTERS))})")
         return value
+
+    @model_validator(mode="after")
+    def _k_bounds(self) -> RouterConfig:
+        if self.k_min > self.k_max:
+            raise ValueError(f"k_min ({self.k_min}) cannot exceed k_max ({self.k_max})")
+        return self
+
+    def expert_refs(self) -> dict[tuple[str, ...], str]:
+        """Fields that name an expert, by location (the loader checks they exist)."""
+        refs = {("default_expert",): self.default_expert, ("generalist",): self.generalist,
+                ("aggregator",): self.aggregator, ("skills", "annotator"): self.skills.annotator}
+        return {loc: name for loc, name in refs.items() if name is not None}
 
 
 class PipelineConfig(Strict):

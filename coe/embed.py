@@ -28,11 +28,12 @@ import tempfile
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from coe.errors import ConfigError
+from coe.files import locked
 
 if TYPE_CHECKING:
     import numpy as np
@@ -149,23 +150,6 @@ class TorchMiniLM(Embedder):
         out = self.model.encode(items, batch_size=batch_size, convert_to_numpy=True,
                                 normalize_embeddings=True, show_progress_bar=False)
         return np.ascontiguousarray(out, dtype=np.float32)
-
-
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """Exclusive lock on ``folder/.lock`` across processes; the OS drops it if we crash."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / ".lock").open("a") as handle:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: temp-dir + rename still keeps the cache consistent
-            yield
-            return
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _marker(artifact: Path) -> Path:
@@ -285,7 +269,7 @@ class OnnxMiniLM(Embedder):
         target = self.cache_path / "model.int8.onnx" if self.quantize else fp32
         if _is_ready(target):
             return target
-        with _locked(self.cache_path):
+        with locked(self.cache_path):
             if _is_ready(target):  # another process finished it while we waited
                 return target
             for stale in self.cache_path.glob(".build-*"):  # left by a builder that crashed
@@ -359,4 +343,11 @@ def load_embedder(kind: str = "onnx", cache_dir: Path | None = None) -> Embedder
     return factory(cache_dir=cache_dir)
 
 
-__all__ = ["EMBEDDERS", "Embedder", "OnnxMiniLM", "TorchMiniLM", "load_embedder", "model_hash", "model_path"]
+@functools.cache
+def shared_embedder(kind: str = "onnx") -> Embedder:
+    """One embedder per kind per process: routers rebuilt on a registry reload reuse its session."""
+    return load_embedder(kind)
+
+
+__all__ = ["EMBEDDERS", "Embedder", "OnnxMiniLM", "TorchMiniLM", "load_embedder", "model_hash", "model_path",
+           "shared_embedder"]

@@ -159,7 +159,7 @@ def cross_check(cfg: RegistryConfig) -> list[tuple[Loc, str]]:
         names=[(i, e.name) for i, e in enumerate(cfg.experts)],
         experts=list(enumerate(cfg.experts)),
         backends=dict(cfg.backends),
-        default_expert=cfg.router.default_expert,
+        router_refs=cfg.router.expert_refs(),
     )
 
 
@@ -195,7 +195,7 @@ def _cross_problems(
     names: Sequence[tuple[int, str]],
     experts: Sequence[tuple[int, ExpertConfig]],
     backends: Mapping[str, BackendConfig | None] | None,
-    default_expert: str | None,
+    router_refs: Mapping[tuple[str, ...], str],
 ) -> list[tuple[Loc, str]]:
     """``names``: every expert's name by index; ``experts``: those that are valid;
     ``backends``: ``None`` when the section itself is invalid (references are not checked)."""
@@ -209,8 +209,9 @@ def _cross_problems(
     if backends is not None:
         for i, expert in experts:
             problems.extend((("experts", i, *loc), msg) for loc, msg in _check_expert(expert, backends))
-    if default_expert is not None and default_expert not in seen:
-        problems.append((("router", "default_expert"), f"unknown expert {default_expert!r}"))
+    for loc, ref in router_refs.items():
+        if ref not in seen:
+            problems.append((("router", *loc), f"unknown expert {ref!r}"))
     return problems
 
 
@@ -240,15 +241,15 @@ def _partial_cross_check(data: Mapping[str, Any], base: Path) -> list[tuple[Loc,
                 if isinstance(ref, str):
                     dangling.append((i, ref))
     router = data.get("router")
-    default = router.get("default_expert") if isinstance(router, Mapping) else None
-    if not isinstance(raw_experts, list):  # the experts are unknown: nothing to compare the default with
-        default = None
-    problems = _cross_problems(
-        names=names,
-        experts=experts,
-        backends=backends,
-        default_expert=default if isinstance(default, str) else None,
-    )
+    refs: dict[tuple[str, ...], str] = {}
+    if isinstance(router, Mapping) and isinstance(raw_experts, list):  # else nothing to compare with
+        for key in ("default_expert", "generalist", "aggregator"):
+            if isinstance(router.get(key), str):
+                refs[(key,)] = router[key]
+        skills = router.get("skills")
+        if isinstance(skills, Mapping) and isinstance(skills.get("annotator"), str):
+            refs[("skills", "annotator")] = skills["annotator"]
+    problems = _cross_problems(names=names, experts=experts, backends=backends, router_refs=refs)
     if backends is not None:
         known = ", ".join(sorted(backends)) or "none declared"
         problems.extend((("experts", i, "backend"), f"unknown backend {ref!r} (known: {known})")
@@ -282,6 +283,14 @@ def resolve_paths(cfg: RegistryConfig, base: Path) -> RegistryConfig:
     for expert in cfg.experts:
         if expert.adapter is not None and expert.adapter.path is not None:
             expert.adapter.path = _resolve(expert.adapter.path, base)
+    router = cfg.router
+    router.artifact = _resolve(router.artifact or Path(".coe/router"), base)
+    if router.data is not None:
+        router.data = _resolve(router.data, base)
+    if router.profiles is not None:
+        router.profiles = _resolve(router.profiles, base)
+    elif (base / ".coe" / "profiles.json").exists():
+        router.profiles = base / ".coe" / "profiles.json"
     return cfg
 
 

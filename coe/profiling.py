@@ -11,11 +11,12 @@ recorded as an error and left out of its profile (it is not "wrong").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from coe.errors import BackendUnavailable, CoeError, InvalidRequest
 from coe.metrics import Metrics
 from coe.profiles import Outcome, ProfileSet, build_profiles, skills_of
 from coe.scoring import chance, format_question, is_correct
+from routers.base import Completer
 
 log = logging.getLogger("coe.profile")
 
@@ -83,6 +85,30 @@ async def _wait_ready(pool: BackendPool, names: set[str], timeout_s: float) -> N
         if any(s == "failed" for s in states.values()) or time.monotonic() > deadline:
             raise BackendUnavailable(f"backends not ready: {states}")
         await asyncio.sleep(1)
+
+
+@contextlib.asynccontextmanager
+async def annotator_completer(cfg: RegistryConfig) -> AsyncIterator[Completer | None]:
+    """For ``coe route`` with ``router.skills.mode: annotator``: the annotator's backend, started and
+    ready, behind a completer. ``None`` (and no backend touched) in the default embedding mode."""
+    name = cfg.router.skills.annotator
+    expert = cfg.expert(name) if cfg.router.skills.mode == "annotator" and name else None
+    if expert is None:
+        yield None
+        return
+    pool = BackendPool(health_interval_s=cfg.dispatch.health_interval_s)
+    try:
+        await pool.reconcile({expert.backend: cfg.backends[expert.backend]})
+        await _wait_ready(pool, {expert.backend}, 900)
+        dispatcher = Dispatcher(pool, cfg.dispatch, Metrics())
+
+        async def complete(e: ExpertConfig, messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
+            result, _, _ = await dispatcher.chat([e], {"messages": messages, **params}, request_id="route-annotate")
+            return str(result["choices"][0]["message"].get("content") or "")
+
+        yield complete
+    finally:
+        await pool.aclose()
 
 
 async def run_profile(cfg: RegistryConfig, items: list[dict[str, Any]], *, skills_field: str,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from coe.config import ExpertConfig, RegistryConfig
 from coe.dispatch import Dispatcher
 from coe.errors import BackendUnavailable, ConfigError, Conflict, Forbidden, InvalidRequest, NotFound
 from coe.loader import check_expert, load_registry
+from coe.logs import request_id_var
 from coe.metrics import Metrics
 from coe.store.base import StateStore
 from routers import Router, make_router
@@ -71,6 +73,7 @@ class RegistryManager:
         self._owned: set[tuple[str, str]] = set()  # (backend, adapter) that coe loaded, so may unload
         self._fingerprint: tuple[int, int] | None = None
         self._digest = ""
+        self._router_cache: tuple[str, Router] | None = None
         self._lock = asyncio.Lock()
         self._watch: asyncio.Task[None] | None = None
         self.last_error: str | None = None
@@ -98,10 +101,28 @@ class RegistryManager:
             sources[name] = "api"
         for source in ("file", "api"):
             self.metrics.experts_registered.labels(source).set(sum(1 for s in sources.values() if s == source))
-        return Registry(config=config, experts=experts, sources=sources, router=make_router(config.router))
+        return Registry(config=config, experts=experts, sources=sources, router=self._router(config))
+
+    def _router(self, config: RegistryConfig) -> Router:
+        """The previous router when nothing it was built from changed: the two-level router loads (or
+        fits) a classifier, which an API registration or an unrelated edit must not redo."""
+        key = json.dumps([config.router.model_dump(mode="json"),
+                          [e.model_dump(mode="json", include={"name", "description", "skills", "categories"})
+                           for e in config.experts]], sort_keys=True)
+        if self._router_cache is None or self._router_cache[0] != key:
+            self._router_cache = (key, make_router(config, self._complete))
+        return self._router_cache[1]
+
+    async def _complete(self, expert: ExpertConfig, messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
+        """One non-streaming answer through the dispatcher (the annotator's keywords)."""
+        response, _, _ = await self.dispatcher.chat([expert], {"messages": messages, **params},
+                                                    request_id=request_id_var.get())
+        choices = response.get("choices") or [{}]
+        return str((choices[0].get("message") or {}).get("content") or "")
 
     async def _apply(self, config: RegistryConfig) -> None:
-        snapshot = self._snapshot(config)  # may raise ConfigError (unknown router): nothing changed yet
+        # A two-level router may fit its classifier here (seconds to minutes): off the event loop.
+        snapshot = await asyncio.to_thread(self._snapshot, config)  # may raise ConfigError: nothing changed yet
         if self.on_reload is not None:
             self.on_reload(snapshot)  # may refuse it too (e.g. auth keys missing)
         self.dispatcher.pool.set_health_interval(config.dispatch.health_interval_s)

@@ -8,13 +8,13 @@ New routers are one module plus one entry in ``routers.ROUTERS``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
 if TYPE_CHECKING:
-    from coe.config import ExpertConfig, RouterConfig
+    from coe.config import ExpertConfig, RegistryConfig
 
 
 class ExpertChoice(BaseModel):
@@ -33,6 +33,9 @@ class RoutingDecision(BaseModel):
     candidates: list[ExpertChoice] = Field(default_factory=list)
     fallback: bool = False
     reason: str = ""
+    aggregator: str | None = Field(None, description="the expert that composes the recruits' answers")
+    level1: list[ExpertChoice] = Field(
+        default_factory=list, description="the ranking level 1 alone gives, to show what level 2 changed")
 
     def names(self) -> list[str]:
         return [e.name for e in self.experts]
@@ -61,4 +64,8 @@ class Router(ABC):
         return [await self.route(r, experts) for r in requests]
 
 
-RouterFactory = Callable[["RouterConfig"], Router]
+Completer = Callable[["ExpertConfig", list[dict[str, Any]], dict[str, Any]], Awaitable[str]]
+"""Asks one expert: (expert, messages, sampling params) -> the answer's text (for routers that annotate)."""
+
+RouterFactory = Callable[["RegistryConfig", "Completer | None"], Router]
+"""Builds a router from the whole registry (level 1 is fitted on the experts' descriptions too)."""

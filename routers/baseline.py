@@ -9,9 +9,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from coe.config import ExpertConfig, RouterConfig
+from coe.config import ExpertConfig, RegistryConfig
 from coe.errors import BackendUnavailable
-from routers.base import ExpertChoice, Router, RouteRequest, RoutingDecision
+from routers.base import Completer, ExpertChoice, Router, RouteRequest, RoutingDecision
 
 
 def _require(experts: Sequence[ExpertConfig]) -> None:
@@ -24,8 +24,8 @@ class DefaultRouter(Router):
 
     name = "default"
 
-    def __init__(self, config: RouterConfig) -> None:
-        self.config = config
+    def __init__(self, config: RegistryConfig, complete: Completer | None = None) -> None:
+        self.config = config.router
 
     async def route(self, request: RouteRequest, experts: Sequence[ExpertConfig]) -> RoutingDecision:
         _require(experts)
@@ -46,9 +46,9 @@ class RandomRouter(Router):
 
     name = "random"
 
-    def __init__(self, config: RouterConfig) -> None:
-        self.config = config
-        self._rng = random.Random(config.seed)
+    def __init__(self, config: RegistryConfig, complete: Completer | None = None) -> None:
+        self.config = config.router
+        self._rng = random.Random(self.config.seed)
 
     async def route(self, request: RouteRequest, experts: Sequence[ExpertConfig]) -> RoutingDecision:
         _require(experts)

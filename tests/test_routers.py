@@ -4,29 +4,33 @@ from __future__ import annotations
 
 import pytest
 
-from coe.config import ExpertConfig, RouterConfig
+from coe.config import ExpertConfig, RegistryConfig, RouterConfig
 from coe.errors import BackendUnavailable
 from routers import ROUTERS, RouteRequest, make_router
 
 EXPERTS = [ExpertConfig(name=n, backend="b", model="m") for n in ("a", "b", "c", "d")]
+def _cfg(**router: object) -> RegistryConfig:
+    return RegistryConfig(router=RouterConfig.model_validate(router))
+
+
 REQ = RouteRequest(messages=[{"role": "user", "content": "hi"}])
 
 
 async def test_default_router_puts_the_default_first_then_fallbacks_in_file_order() -> None:
-    decision = await make_router(RouterConfig(default_expert="c", fallbacks=2)).route(REQ, EXPERTS)
+    decision = await make_router(_cfg(default_expert="c", fallbacks=2)).route(REQ, EXPERTS)
     assert decision.router == "default"
     assert decision.names() == ["c", "a", "b"]
     assert decision.experts[0].score == 1.0
 
 
 async def test_default_router_without_default_takes_the_first() -> None:
-    decision = await make_router(RouterConfig(fallbacks=0)).route(REQ, EXPERTS)
+    decision = await make_router(_cfg(fallbacks=0)).route(REQ, EXPERTS)
     assert decision.names() == ["a"]
 
 
 async def test_random_router_is_reproducible_with_a_seed_and_covers_all() -> None:
     def router() -> object:
-        return make_router(RouterConfig(strategy="random", seed=7, fallbacks=0))
+        return make_router(_cfg(strategy="random", seed=7, fallbacks=0))
 
     one, two = router(), router()
     first = [(await one.route(REQ, EXPERTS)).names()[0] for _ in range(40)]  # type: ignore[attr-defined]
@@ -37,7 +41,7 @@ async def test_random_router_is_reproducible_with_a_seed_and_covers_all() -> Non
 
 async def test_no_experts_is_unavailable() -> None:
     with pytest.raises(BackendUnavailable):
-        await make_router(RouterConfig()).route(REQ, [])
+        await make_router(_cfg()).route(REQ, [])
 
 
 def test_unknown_strategy_is_rejected_by_the_schema() -> None:
@@ -49,5 +53,5 @@ def test_unknown_strategy_is_rejected_by_the_schema() -> None:
 def test_decisions_are_json() -> None:
     import asyncio
 
-    decision = asyncio.run(make_router(RouterConfig()).route(REQ, EXPERTS))
+    decision = asyncio.run(make_router(_cfg()).route(REQ, EXPERTS))
     assert decision.model_dump(mode="json")["experts"][0] == {"name": "a", "score": 1.0}

@@ -92,7 +92,9 @@ async def _candidates(state: AppState, body: ChatCompletionRequest, request: Req
         route_request = RouteRequest(messages=[m.model_dump(exclude_unset=True) for m in body.messages],
                                      session=session, request_id=request_id)
         decision = await registry.router.route(route_request, list(registry.experts.values()))
-    experts = [e for e in (registry.expert(n) for n in decision.names()) if e is not None]
+    names = decision.names()  # then the router's next-best candidates, as fallbacks when these are down
+    names += [c.name for c in decision.candidates if c.name not in names][: registry.config.router.fallbacks]
+    experts = [e for e in (registry.expert(n) for n in names) if e is not None]
     if not experts:
         raise BackendUnavailable("the router chose no available expert", retry_after=5)
     return experts, decision, "routed"

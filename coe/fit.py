@@ -1,0 +1,482 @@
+"""Fitting the level-1 classifier (``coe router fit``, and the automatic fit at start-up).
+
+Training examples are the labelled JSONL lines (``question``, plus a second view
+with the ``choices`` when a line has them, since users send both kinds) and the
+registry's own words: each category's description and examples, and each
+expert's description and skills under every category it serves. Those "anchors"
+weigh more than one line, so the router generalizes beyond the data's phrasing.
+
+Hyperparameters (L2 strengths, k, ensemble weights) are chosen on held-out data
+(a stratified 15% split, or 5-fold cross-validation for small data), the
+temperature is fitted there too, then every member is refitted on all data. The
+report records each member's held-out top-1 and the calibration error (ECE)
+before and after scaling.
+
+The artifact is written into a temporary folder and renamed into place under a
+file lock, so a crash never leaves a half-written artifact, and two processes
+never fit the same one twice. ``meta.json`` carries a fingerprint of everything
+the fit read; a changed data file, label or description makes it stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from coe.classifier import CategoryClassifier, Knn, LexicalLinear, Linear, faiss_index, log_softmax
+from coe.config import RegistryConfig
+from coe.errors import ConfigError, InvalidRequest
+from coe.files import locked
+from coe.profiles import skills_of
+from coe.tfidf import Tfidf
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from coe.classifier import Matrix
+    from coe.embed import Embedder
+
+    Labels = npt.NDArray[np.int64]
+
+log = logging.getLogger("coe.fit")
+
+FIT_VERSION = 1
+"""Part of the fingerprint: bump when the recipe changes, so old artifacts are refitted."""
+ANCHOR_WEIGHT = 5.0
+LAMBDAS = (1e-4, 3e-5, 1e-5)
+TFIDF_LAMBDAS = (3e-5, 1e-5)
+KNN_KS = (10, 25, 50, 100)
+WEIGHT_GRID = (0.0, 0.5, 1.0, 1.5, 2.0)
+ECE_BINS = 15
+HOLDOUT_MIN_ROWS = 1000
+
+
+@dataclass
+class Example:
+    texts: list[str]
+    label: str
+    fine: str | None
+    weight: float = 1.0
+
+
+def _text_views(item: dict[str, Any], choices_view: bool = True) -> list[str]:
+    question = item.get("question", item.get("text"))
+    if not isinstance(question, str) or not question.strip():
+        return []
+    views = [question]
+    choices = item.get("choices")
+    if choices_view and isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices):
+        views.append(question + "\n" + "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(choices)))
+    return views
+
+
+def read_labelled(path: Path, label: str, fine_label: str | None = None, *,
+                  choices_view: bool = True) -> list[Example]:
+    """Every line needs ``question`` (or ``text``) and a string at ``label``; every bad line is reported."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"{path}: cannot read: {exc}") from exc
+    examples: list[Example] = []
+    problems: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"line {number}: not valid JSON ({exc.msg})")
+            continue
+        if not isinstance(item, dict):
+            problems.append(f"line {number}: must be a JSON object")
+            continue
+        views = _text_views(item, choices_view)
+        labels = skills_of(item, label)
+        fine = skills_of(item, fine_label) if fine_label else ()
+        if not views:
+            problems.append(f"line {number}: needs 'question' (or 'text'), a non-empty string")
+        elif len(labels) != 1:
+            problems.append(f"line {number}: needs one string at {label!r}")
+        elif fine_label and len(fine) != 1:
+            problems.append(f"line {number}: needs one string at {fine_label!r}")
+        else:
+            examples.append(Example(views, labels[0], fine[0] if fine else None))
+    if problems:
+        shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
+        raise InvalidRequest(f"{path}: {len(problems)} bad line(s):\n" + "\n".join(shown))
+    return examples
+
+
+def anchors(cfg: RegistryConfig) -> list[Example]:
+    """The registry's own words about each category, as weighted training examples."""
+    out: list[Example] = []
+    for name, cat in cfg.router.categories.items():
+        out += [Example([text], name, None, ANCHOR_WEIGHT) for text in [cat.description, *cat.examples] if text]
+    for expert in cfg.experts:
+        texts = [t for t in (expert.description, ", ".join(expert.skills)) if t.strip()]
+        for category in expert.categories:
+            out += [Example([t], category, None, ANCHOR_WEIGHT) for t in texts]
+    return out
+
+
+def fingerprint(cfg: RegistryConfig, embedder_id: str) -> str:
+    """Everything a fit reads: a change to any of it makes the artifact stale."""
+    r = cfg.router
+    digest = hashlib.sha256(f"fit-{FIT_VERSION}|{embedder_id}|{r.label}|{r.fine_label}|{r.choices_view}".encode())
+    if r.data is not None:
+        try:
+            digest.update(hashlib.sha256(r.data.read_bytes()).digest())
+        except OSError as exc:
+            raise ConfigError([f"router.data: cannot read {r.data}: {exc.strerror}"]) from exc
+    for a in anchors(cfg):
+        digest.update(json.dumps([a.label, a.texts]).encode())
+    return digest.hexdigest()[:20]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_softmax(X: Any, y: Labels, n_out: int, lam: float, weights: npt.NDArray[np.float32],
+                  max_iter: int = 300) -> tuple[Matrix, Matrix]:
+    """Multinomial logistic regression, L2 on the weights, full-batch L-BFGS (X dense or torch sparse)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    Xt = X if isinstance(X, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    yt = torch.from_numpy(y.astype(np.int64))
+    w = torch.from_numpy(weights.astype(np.float32))
+    W = torch.zeros(Xt.shape[1], n_out, requires_grad=True)
+    b = torch.zeros(n_out, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-7, tolerance_change=1e-10)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        z = (torch.sparse.mm(Xt, W) if Xt.is_sparse else Xt @ W) + b
+        loss = (F.cross_entropy(z, yt, reduction="none") * w).sum() / w.sum() + 0.5 * lam * (W * W).sum()
+        loss.backward()  # type: ignore[no-untyped-call]
+        return loss
+
+    with torch.set_grad_enabled(True):
+        opt.step(closure)  # type: ignore[no-untyped-call]
+    return W.detach().numpy().astype(np.float32), b.detach().numpy().astype(np.float32)
+
+
+def _sparse(tfidf: Tfidf, texts: Sequence[str]) -> Any:
+    import numpy as np
+    import torch
+
+    rows, cols, vals = [], [], []
+    for i, t in enumerate(texts):
+        idx, val = tfidf.row(t)
+        rows.append(np.full(len(idx), i))
+        cols.append(idx)
+        vals.append(val)
+    ind = torch.from_numpy(np.stack([np.concatenate(rows), np.concatenate(cols)]).astype(np.int64))
+    return torch.sparse_coo_tensor(ind, torch.from_numpy(np.concatenate(vals).astype(np.float32)),
+                                   (len(texts), len(tfidf.vocab))).coalesce()
+
+
+@dataclass
+class Design:
+    """One training set, flattened to one row per text."""
+
+    X: Matrix
+    texts: list[str]
+    y: Labels
+    fine: Labels | None
+    weights: npt.NDArray[np.float32]
+
+
+@dataclass
+class Params:
+    lam: float = 3e-5
+    k: int = 25
+    tfidf_lam: float = 1e-5
+    weights: dict[str, float] | None = None
+
+
+class Members:
+    """The three members fitted on one Design."""
+
+    def __init__(self, d: Design, n_cls: int, groups: list[list[int]] | None, n_fine: int) -> None:
+        self.d, self.n_cls, self.groups, self.n_fine = d, n_cls, groups, n_fine
+        self.tfidf = Tfidf.fit(d.texts)
+        self._sparse: Any = None
+
+    def linear(self, lam: float) -> Linear:
+        target, n_out = (self.d.fine, self.n_fine) if self.d.fine is not None else (self.d.y, self.n_cls)
+        W, b = train_softmax(self.d.X, target, n_out, lam, self.d.weights)
+        return Linear(W, b, self.groups)
+
+    def knn(self, k: int) -> Knn:
+        return Knn(faiss_index(self.d.X), self.d.y, k, self.n_cls)
+
+    def lexical(self, lam: float) -> LexicalLinear:
+        if self._sparse is None:
+            self._sparse = _sparse(self.tfidf, self.d.texts)
+        W, b = train_softmax(self._sparse, self.d.y, self.n_cls, lam, self.d.weights)
+        return LexicalLinear(self.tfidf, W, b)
+
+
+def top1(z: Matrix, y: Labels) -> float:
+    return float((z.argmax(axis=1) == y).mean()) if len(y) else 0.0
+
+
+def nll(z: Matrix, y: Labels) -> float:
+    import numpy as np
+
+    return float(-log_softmax(z)[np.arange(len(y)), y].mean())
+
+
+def ece(z: Matrix, y: Labels, bins: int = ECE_BINS) -> float:
+    """Expected calibration error of the top probability, equal-width bins."""
+    import numpy as np
+
+    p = np.exp(log_softmax(z))
+    conf, correct = p.max(axis=1), p.argmax(axis=1) == y
+    total = 0.0
+    for lo, hi in itertools.pairwise(np.linspace(0.0, 1.0, bins + 1)):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            total += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(total)
+
+
+def fit_temperature(z: Matrix, y: Labels) -> float:
+    """The T minimising held-out NLL of softmax(z / T): a log-grid, then golden-section refinement."""
+    import numpy as np
+
+    grid = np.exp(np.linspace(math.log(0.02), math.log(50.0), 161))
+    i = int(np.argmin([nll(z / t, y) for t in grid]))
+    lo, hi = float(grid[max(i - 1, 0)]), float(grid[min(i + 1, len(grid) - 1)])
+    for _ in range(30):
+        a, b = lo + 0.382 * (hi - lo), lo + 0.618 * (hi - lo)
+        if nll(z / a, y) < nll(z / b, y):
+            hi = b
+        else:
+            lo = a
+    return (lo + hi) / 2
+
+
+def _folds(y: Labels, n_rows: int, seed: int) -> list[tuple[Labels, Labels]]:
+    """Row index pairs (train, held-out): one stratified 85/15 split for large data, else 5 folds."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n_folds = 1 if n_rows >= HOLDOUT_MIN_ROWS else 5
+    assign = np.zeros(n_rows, dtype=np.int64)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        if n_folds == 1:
+            assign[idx] = (np.arange(len(idx)) < round(len(idx) * 0.15)).astype(np.int64) - 1  # 0 held out, -1 train
+        else:
+            assign[idx] = (np.arange(len(idx)) + rng.integers(n_folds)) % n_folds
+    folds = range(1) if n_folds == 1 else range(n_folds)
+    return [(np.flatnonzero(assign != f), np.flatnonzero(assign == f)) for f in folds]
+
+
+# ----------------------------------------------------------------------------- the fit
+
+
+@dataclass
+class FitResult:
+    classifier: CategoryClassifier
+    report: dict[str, Any]
+
+
+def embedder_id(embedder: Embedder) -> str:
+    from coe.embed import model_hash, model_path
+
+    return f"{embedder.name}:{model_hash(model_path())}"
+
+
+def _rows(examples: Sequence[Example], which: Any, cls: dict[str, int], fine: dict[str, int] | None,
+          X: Matrix, first_row: Labels) -> Design:
+    """The Design of the examples ``which`` (indices), every view one row."""
+    import numpy as np
+
+    rows = [int(first_row[i]) + v for i in which for v in range(len(examples[i].texts))]
+    exs = [examples[i] for i in which for _ in examples[i].texts]
+    return Design(X[rows], [examples[i].texts[v] for i in which for v in range(len(examples[i].texts))],
+                  np.array([cls[e.label] for e in exs], dtype=np.int64),
+                  None if fine is None else np.array([fine[e.fine or f"category:{e.label}"] for e in exs],
+                                                     dtype=np.int64),
+                  np.array([e.weight for e in exs], dtype=np.float32))
+
+
+def fit(cfg: RegistryConfig, embedder: Embedder, *, seed: int = 0,
+        progress: Callable[[str], None] = lambda _line: None) -> FitResult:
+    """Fit the level-1 classifier on ``router.data`` and the registry's anchors."""
+    import numpy as np
+
+    started = time.perf_counter()
+    r = cfg.router
+    data = read_labelled(r.data, r.label, r.fine_label, choices_view=r.choices_view) if r.data is not None else []
+    anc = anchors(cfg)
+    classes = sorted({e.label for e in [*data, *anc]})
+    if len(classes) < 2:
+        raise ConfigError(["router: the classifier needs at least two categories, from router.data, "
+                           "router.categories or the experts' categories"])
+    cls = {c: i for i, c in enumerate(classes)}
+    fine: dict[str, int] | None = None
+    groups: list[list[int]] | None = None
+    if r.fine_label:
+        parent: dict[str, str] = {}
+        for e in data:
+            assert e.fine is not None
+            if parent.setdefault(e.fine, e.label) != e.label:
+                raise ConfigError([f"router.fine_label: {e.fine!r} falls under both {parent[e.fine]!r} and "
+                                   f"{e.label!r}; a finer label must belong to one category"])
+        for c in classes:  # anchors, and categories with no data, get one pseudo-fine class each
+            parent.setdefault(f"category:{c}", c)
+        fine = {f: i for i, f in enumerate(sorted(parent))}
+        groups = [[fine[f] for f in sorted(parent) if parent[f] == c] for c in classes]
+
+    examples = [*data, *anc]
+    texts = [t for e in examples for t in e.texts]
+    first_row = np.cumsum([0] + [len(e.texts) for e in examples])[:-1].astype(np.int64)
+    progress(f"embedding {len(texts)} texts ({len(data)} labelled lines, {len(anc)} anchors, "
+             f"{len(classes)} categories)")
+    t0 = time.perf_counter()
+    X = embedder.encode(texts)
+    embed_s = time.perf_counter() - t0
+
+    # Held-out predictions for every candidate setting, gathered over the folds.
+    pool = np.arange(len(data)) if len(data) >= 20 else np.arange(len(examples))
+    always = np.setdiff1d(np.arange(len(examples)), pool)
+    y_pool = np.array([cls[examples[i].label] for i in pool], dtype=np.int64)
+    oof: dict[tuple[str, float], list[Matrix]] = {}
+    y_oof: list[Labels] = []
+    t0 = time.perf_counter()
+    for fold, (tr, ho) in enumerate(_folds(y_pool, len(pool), seed)):
+        train = _rows(examples, np.concatenate([pool[tr], always]), cls, fine, X, first_row)
+        held = _rows(examples, pool[ho], cls, fine, X, first_row)
+        members = Members(train, len(classes), groups, len(fine or {}))
+        for lam in LAMBDAS:
+            oof.setdefault(("linear", lam), []).append(members.linear(lam).log_probs(held.X))
+        for k in KNN_KS:
+            oof.setdefault(("knn", k), []).append(members.knn(k).log_probs(held.X))
+        for lam in TFIDF_LAMBDAS:
+            oof.setdefault(("tfidf", lam), []).append(members.lexical(lam).log_probs(held.texts))
+        y_oof.append(held.y)
+        progress(f"held-out fold {fold + 1}: {len(train.y)} training rows, {len(held.y)} held out")
+    y = np.concatenate(y_oof)
+    z = {key: np.concatenate(parts) for key, parts in oof.items()}
+    scores = {f"{m}@{v:g}": round(top1(zz, y), 4) for (m, v), zz in z.items()}
+    best = {m: max((key for key in z if key[0] == m), key=lambda key: (top1(z[key], y), -nll(z[key], y)))
+            for m in ("linear", "knn", "tfidf")}
+    weights, best_key = {"linear": 1.0, "knn": 0.0, "tfidf": 0.0}, (-1.0, 0.0)
+    for wk, wt in itertools.product(WEIGHT_GRID, repeat=2):
+        trial = z[best["linear"]] + wk * z[best["knn"]] + wt * z[best["tfidf"]]
+        key = (top1(trial, y), -nll(trial / (1 + wk + wt), y))
+        if key > best_key:
+            best_key, weights = key, {"linear": 1.0, "knn": wk, "tfidf": wt}
+    ens: Matrix = z[best["linear"]] + weights["knn"] * z[best["knn"]] + weights["tfidf"] * z[best["tfidf"]]
+    temperature = fit_temperature(ens, y)
+    tune_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    everything = _rows(examples, np.arange(len(examples)), cls, fine, X, first_row)
+    final = Members(everything, len(classes), groups, len(fine or {}))
+    clf = CategoryClassifier(
+        classes,
+        final.linear(best["linear"][1]) if weights["linear"] else None,
+        final.knn(int(best["knn"][1])) if weights["knn"] else None,
+        final.lexical(best["tfidf"][1]) if weights["tfidf"] else None,
+        weights, temperature)
+    refit_s = time.perf_counter() - t0
+    report = {
+        "examples": len(data), "anchors": len(anc), "rows": len(texts), "classes": classes,
+        "label": r.label, "fine_label": r.fine_label,
+        "held_out": {"rows": len(y), "method": "15% stratified split" if len(pool) >= HOLDOUT_MIN_ROWS
+                     else "5-fold cross-validation"},
+        "member_top1": scores,
+        "chosen": {m: f"{m}@{v:g}" for m, (_, v) in best.items()},
+        "weights": weights, "temperature": round(temperature, 4),
+        "held_out_top1": round(best_key[0], 4),
+        "ece_before": round(ece(ens, y), 4), "ece_after": round(ece(ens / temperature, y), 4),
+        "seconds": {"embed": round(embed_s, 1), "tune": round(tune_s, 1), "refit": round(refit_s, 1),
+                    "total": round(time.perf_counter() - started, 1)},
+    }
+    clf.meta = {"fit": report, "embedder": embedder_id(embedder), "data": str(r.data) if r.data is not None else None,
+                "fingerprint": fingerprint(cfg, embedder_id(embedder))}
+    progress(f"held-out top-1 {report['held_out_top1']:.3f}; ECE {report['ece_before']:.3f} -> "
+             f"{report['ece_after']:.3f} (T={temperature:.2f}); {time.perf_counter() - started:.0f}s")
+    return FitResult(clf, report)
+
+
+def write_artifact(clf: CategoryClassifier, folder: Path) -> None:
+    """Into a temporary sibling, then renamed into place: readers see the old artifact or the new one."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}-build-", dir=folder.parent))
+    try:
+        clf.save(work)
+        old = folder.with_name(f".{folder.name}-old")
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            folder.rename(old)
+        work.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _load(folder: Path) -> CategoryClassifier | None:
+    if not (folder / "meta.json").exists():
+        return None
+    try:
+        return CategoryClassifier.load(folder)
+    except ConfigError as exc:
+        log.warning("%s", exc)
+        return None
+
+
+def ensure_classifier(cfg: RegistryConfig, embedder: Embedder, *,
+                      progress: Callable[[str], None] = lambda _line: None) -> CategoryClassifier:
+    """The fitted classifier at ``router.artifact``, fitted first if missing or stale and ``auto_fit`` allows."""
+    folder = cfg.router.artifact
+    assert folder is not None, "the loader sets router.artifact"
+    current = _load(folder)
+
+    def expected(clf: CategoryClassifier | None) -> str:
+        data = cfg.router.data
+        recorded = clf.meta.get("data") if clf is not None else None
+        if data is None and recorded and Path(recorded).exists():  # fitted by 'coe router fit --data'
+            return fingerprint(cfg.model_copy(update={"router": cfg.router.model_copy(
+                update={"data": Path(recorded)})}), embedder_id(embedder))
+        return fingerprint(cfg, embedder_id(embedder))
+
+    if current is not None and current.meta.get("fingerprint") == expected(current):
+        return current
+    if not cfg.router.auto_fit:
+        if current is not None:
+            log.warning("router artifact %s is stale (data or descriptions changed); auto_fit is off", folder)
+            return current
+        raise ConfigError([f"router.artifact: {folder} is missing and router.auto_fit is off: "
+                           f"run 'coe router fit --config FILE'"])
+    if cfg.router.data is None and not cfg.router.categories and not any(e.categories for e in cfg.experts):
+        raise ConfigError(["router: nothing to fit the classifier on: set router.data (labelled JSONL) or "
+                           "describe router.categories"])
+    with locked(folder.parent / f".{folder.name}-lock"):
+        current = _load(folder)  # another process may have fitted it while we waited
+        if current is not None and current.meta.get("fingerprint") == expected(current):
+            return current
+        why = "missing" if current is None else "stale"
+        log.warning("router artifact %s is %s: fitting it now", folder, why)
+        progress(f"router artifact {folder} is {why}: fitting it")
+        result = fit(cfg, embedder, progress=progress)
+        write_artifact(result.classifier, folder)
+        return result.classifier

@@ -1,0 +1,146 @@
+"""Level 1: which category a conversation is about (Composition of Experts).
+
+The fitted ``coe.classifier`` gives calibrated P(category | text). A router
+classifies the conversation, not only its last message: the last user message
+and the few before it (newest first) are embedded together, and their
+log-probabilities are averaged, so "and in Python?" stays with the coding
+expert while a confident new question ("what is the capital of Peru?") moves
+on. ``Sessions`` remembers which experts served a session (the request's
+``user`` field or the ``x-coe-session`` header) and keeps them until a new
+category is confident enough (``router.topic_change``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from coe.config import RegistryConfig
+from coe.embed import Embedder
+from coe.fit import ensure_classifier
+
+if TYPE_CHECKING:
+    from coe.classifier import CategoryClassifier, Matrix
+
+CONTEXT_TURNS = 3
+"""User turns (the last one included) that make up a conversation's context text."""
+MAX_SESSIONS = 100_000
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts: keep the text ones
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, Mapping) and p.get("type") == "text")
+    return ""
+
+
+def conversation_texts(messages: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
+    """(last user message, context) where context joins the last few user turns, newest first,
+    or None for a one-turn conversation. Newest first, because the embedder truncates the end."""
+    users = [t for t in (_content_text(m.get("content")) for m in messages if m.get("role") == "user") if t.strip()]
+    if not users:  # no user text (a system prompt alone): classify whatever text there is
+        users = [t for t in (_content_text(m.get("content")) for m in messages) if t.strip()] or [""]
+    last = users[-1]
+    recent = users[-CONTEXT_TURNS:]
+    if len(recent) < 2:
+        return last, None
+    return last, "\n".join(reversed(recent))
+
+
+@dataclass
+class Level1Result:
+    log_probs: Matrix  # (C,) calibrated log P(category | conversation)
+    vector: Matrix  # (D,) the last message's embedding (level 2 reuses it)
+
+    def top(self, classes: Sequence[str]) -> tuple[str, float]:
+        i = int(self.log_probs.argmax())
+        return classes[i], float(self.probs()[i])
+
+    def probs(self) -> Matrix:
+        import numpy as np
+
+        p: Matrix = np.exp(self.log_probs)
+        return p
+
+
+class Level1:
+    def __init__(self, cfg: RegistryConfig, embedder: Embedder) -> None:
+        self.embedder = embedder
+        self.classifier: CategoryClassifier = ensure_classifier(cfg, embedder)
+        self.classes = self.classifier.classes
+
+    def classify(self, conversations: Sequence[Sequence[Mapping[str, Any]]]) -> list[Level1Result]:
+        """Every conversation's texts embedded in one batch."""
+        pairs = [conversation_texts(m) for m in conversations]
+        texts: list[str] = []
+        where: list[tuple[int, int | None]] = []
+        for last, context in pairs:
+            texts.append(last)
+            i = len(texts) - 1
+            if context is not None:
+                texts.append(context)
+            where.append((i, len(texts) - 1 if context is not None else None))
+        X = self.embedder.encode(texts)
+        lp = self.classifier.log_probs(X, texts)
+        out = []
+        for i, j in where:
+            row = lp[i] if j is None else _mean_log_probs(lp[i], lp[j])
+            out.append(Level1Result(row, X[i]))
+        return out
+
+    def vectors(self, texts: Sequence[str]) -> Matrix:
+        return self.embedder.encode(texts)
+
+
+def _mean_log_probs(a: Matrix, b: Matrix) -> Matrix:
+    """Geometric mean of two distributions, renormalised: a confident one outvotes a flat one."""
+    import numpy as np
+
+    m = (a + b) / 2
+    out: Matrix = m - np.logaddexp.reduce(m)
+    return out
+
+
+@dataclass
+class SessionEntry:
+    category: str | None
+    experts: list[str]
+    expires: float
+
+
+class Sessions:
+    """Which experts each session was given: an LRU with a time-to-live, safe across threads.
+
+    In-process: a conversation is kept on its experts by the replica that serves it
+    (sticky sessions at the load balancer keep that true across replicas).
+    """
+
+    def __init__(self, ttl_s: float, max_entries: int = MAX_SESSIONS) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, SessionEntry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> SessionEntry | None:
+        now = time.monotonic()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.expires < now:
+                self._entries.pop(key, None)
+                return None
+            return entry
+
+    def put(self, key: str, category: str | None, experts: list[str]) -> None:
+        with self._lock:
+            self._entries[key] = SessionEntry(category, experts, time.monotonic() + self.ttl_s)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)

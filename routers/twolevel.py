@@ -1,0 +1,205 @@
+"""The two-level router: level 1 (category) narrows, level 2 (skills) ranks and recruits.
+
+For each request:
+
+1. Level 1 gives calibrated P(category | conversation). Each expert's level-1
+   score ``P1(m)`` is the probability of the best category it serves.
+2. When level 1 is confident (``confidence >= router.threshold``) the candidates
+   are the top category's experts; otherwise every specialist is a candidate.
+3. Level 2 scores candidates by ``w_m = S_m(q) × γ_m``; an expert's score is
+   ``(1 − β)·P1(m) + β·share(w_m)`` with ``β = router.level2_weight``.
+4. k adapts to difficulty, from ``k_min`` (confident level 1, strong skill match)
+   to ``k_max`` (level 1 at or below its threshold, no skill match).
+5. When level 1 is unsure, the specialists stay first and the generalist is
+   appended (``fallback: true``). A session keeps its experts until a new
+   category reaches ``router.topic_change``.
+
+``embedding`` (level 1 only, β = 0) and ``symbolic`` (level 2 only, every expert
+a candidate) are the same router with one level switched off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from coe.config import ExpertConfig, RegistryConfig
+from coe.embed import shared_embedder
+from coe.errors import BackendUnavailable
+from routers.base import Completer, ExpertChoice, Router, RouteRequest, RoutingDecision
+from routers.embedding import Level1, Level1Result, Sessions, conversation_texts
+from routers.symbolic import Recruiter, positive_shares
+
+log = logging.getLogger("coe.routers")
+
+CANDIDATES = 5
+
+
+class TwoLevelRouter(Router):
+    name = "two-level"
+    use_level1 = True
+    use_level2 = True
+
+    def __init__(self, config: RegistryConfig, complete: Completer | None = None) -> None:
+        self.config = config.router
+        embedder = shared_embedder(self.config.embedder)
+        self.level1 = Level1(config, embedder) if self.use_level1 else None
+        self.recruiter = Recruiter(self.config, embedder, complete)
+        self.sessions = Sessions(self.config.session_ttl_s)
+        self.embedder = embedder
+        if self.level1 is not None:
+            known = set(self.level1.classes)
+            for e in config.experts:
+                unknown = [c for c in e.categories if c not in known]
+                if unknown:
+                    log.warning("expert %s lists categories the classifier does not know: %s (known: %s)",
+                                e.name, ", ".join(unknown), ", ".join(sorted(known)))
+
+    async def route(self, request: RouteRequest, experts: Sequence[ExpertConfig]) -> RoutingDecision:
+        return (await self.route_many([request], experts))[0]
+
+    async def route_many(self, requests: Sequence[RouteRequest],
+                         experts: Sequence[ExpertConfig]) -> list[RoutingDecision]:
+        if not experts:
+            raise BackendUnavailable("no experts are registered", retry_after=30)
+        # Embedding is CPU work of a few ms: off the event loop, so other requests keep flowing.
+        results = await asyncio.to_thread(self._level1, requests)
+        decisions = []
+        for request, result in zip(requests, results, strict=True):
+            skills_override = None
+            if self.config.skills.mode == "annotator":
+                skills_override = await self._annotate(request, experts)
+            decisions.append(self._decide(request, result, experts, skills_override))
+        return decisions
+
+    # -- steps --------------------------------------------------------------------------
+
+    def _level1(self, requests: Sequence[RouteRequest]) -> list[Level1Result | None]:
+        if self.level1 is not None:
+            return list(self.level1.classify([r.messages for r in requests]))
+        import numpy as np
+
+        vectors = self.embedder.encode([conversation_texts(r.messages)[0] for r in requests])
+        return [Level1Result(np.zeros(0, dtype=np.float32), v) for v in vectors]
+
+    async def _annotate(self, request: RouteRequest, experts: Sequence[ExpertConfig]) -> list[tuple[str, float]] | None:
+        profiles = self.recruiter.profiles(experts)
+        try:
+            return await self.recruiter.annotate(conversation_texts(request.messages)[0], experts, profiles)
+        except Exception as exc:  # the annotator is an LLM call: never let it lose the request
+            log.warning("annotator failed, using embedding skills instead: %s", exc)
+            return None
+
+    def _decide(self, request: RouteRequest, result: Level1Result | None, experts: Sequence[ExpertConfig],
+                skills_override: list[tuple[str, float]] | None) -> RoutingDecision:
+        rc = self.config
+        generalist = rc.generalist if any(e.name == rc.generalist for e in experts) else None
+        specialists = [e for e in experts if e.name != generalist]
+        category, confidence, p1 = None, None, {}
+        if self.level1 is not None and result is not None:
+            probs = result.probs()
+            index = {c: i for i, c in enumerate(self.level1.classes)}
+            category, confidence = result.top(self.level1.classes)
+            p1 = {e.name: max((float(probs[index[c]]) for c in e.categories if c in index), default=0.0)
+                  for e in experts}
+        confident = confidence is None or confidence >= rc.threshold
+        # Level 1 narrows: the top category's experts, or every specialist when unsure.
+        if self.level1 is not None and confident:
+            pool = [e for e in experts if category in e.categories] or specialists or list(experts)
+        else:
+            pool = specialists or list(experts)
+        # Level 2 ranks.
+        profiles = self.recruiter.profiles(experts)
+        matched: list[tuple[str, float]] = []
+        if self.use_level2 and result is not None:
+            matched = skills_override if skills_override is not None else \
+                self.recruiter.nearest_skills(result.vector, profiles)
+        skills = [s for s, _ in matched]
+        beta = 0.0 if not self.use_level2 else (1.0 if self.level1 is None else rc.level2_weight)
+        names = [e.name for e in experts]
+        w = positive_shares(self.recruiter.fit_scores(skills, profiles, names)) if skills else dict.fromkeys(names, 0.0)
+        score = {n: (1 - beta) * p1.get(n, 0.0) + beta * w[n] for n in names}
+        order = {n: i for i, n in enumerate(names)}  # ties keep the registry's order
+
+        def ranked(group: Sequence[ExpertConfig]) -> list[tuple[str, float]]:
+            return sorted(((e.name, score[e.name]) for e in group), key=lambda t: (-t[1], order[t[0]]))
+
+        k = self._k(confidence, matched)
+        in_pool = ranked(pool)
+        recruited = self.recruiter.select(in_pool, k)
+        if len(recruited) < k:  # the category has fewer experts than k: next best specialists
+            recruited += [n for n, _ in ranked(specialists) if n not in recruited][: k - len(recruited)]
+        fallback = not confident and generalist is not None
+        if fallback and generalist not in recruited:
+            recruited.append(str(generalist))
+        reason = self._reason(category, confidence, confident, skills, k, beta)
+        recruited, category, reason = self._session(request, recruited, category, confidence, reason, names)
+        candidates = ranked(experts)[:CANDIDATES]
+        return RoutingDecision(
+            router=self.name,
+            experts=[ExpertChoice(name=n, score=round(score.get(n, 0.0), 4)) for n in recruited],
+            category=category, confidence=None if confidence is None else round(confidence, 4),
+            skills=skills, candidates=[ExpertChoice(name=n, score=round(s, 4)) for n, s in candidates],
+            fallback=fallback, reason=reason,
+            aggregator=self.recruiter.aggregator(profiles, experts, recruited),
+            level1=[ExpertChoice(name=n, score=round(p1.get(n, 0.0), 4)) for n, _ in
+                    sorted(p1.items(), key=lambda t: (-t[1], order[t[0]]))[:CANDIDATES]] if p1 else [])
+
+    def _k(self, confidence: float | None, matched: Sequence[tuple[str, float]]) -> int:
+        """k_min when level 1 is sure and skills match well; k_max when level 1 is at its threshold
+        or below and no skill matches; in between, by the mean of the two weaknesses."""
+        rc = self.config
+        if rc.k_max == rc.k_min:
+            return rc.k_min
+        weak1 = 0.0 if confidence is None else min(1.0, max(0.0, (1 - confidence) / max(1 - rc.threshold, 1e-9)))
+        sc = rc.skills
+        best = max((s for _, s in matched), default=sc.min_similarity)
+        strength = (best - sc.min_similarity) / max(sc.strong_similarity - sc.min_similarity, 1e-9)
+        weak2 = 1 - min(1.0, max(0.0, strength)) if self.use_level2 else weak1
+        difficulty = (weak1 + weak2) / 2 if self.level1 is not None else weak2
+        return rc.k_min + round((rc.k_max - rc.k_min) * difficulty)
+
+    def _reason(self, category: str | None, confidence: float | None, confident: bool, skills: list[str],
+                k: int, beta: float) -> str:
+        parts = []
+        if category is not None and confidence is not None:
+            parts.append(f"category {category!r} at {confidence:.2f} "
+                         f"({'confident' if confident else f'below {self.config.threshold:.2f}: generalist joins'})")
+        if skills:
+            parts.append(f"skills {', '.join(skills)}")
+        parts.append(f"k={k}")
+        if self.use_level2 and self.level1 is not None:
+            parts.append(f"level-2 weight {beta:.2f}")
+        return "; ".join(parts)
+
+    def _session(self, request: RouteRequest, recruited: list[str], category: str | None,
+                 confidence: float | None, reason: str, names: list[str]) -> tuple[list[str], str | None, str]:
+        """Keep a session on its experts unless the topic clearly changed."""
+        if not request.session:
+            return recruited, category, reason
+        previous = self.sessions.get(request.session)
+        if previous is not None and previous.category != category:
+            strong = confidence is not None and confidence >= self.config.topic_change
+            kept = [n for n in previous.experts if n in names]
+            if not strong and kept:
+                self.sessions.put(request.session, previous.category, kept)
+                return kept, previous.category, (f"session kept its experts (new category {category!r} at "
+                                                 f"{confidence or 0:.2f} < topic_change "
+                                                 f"{self.config.topic_change:.2f}); {reason}")
+        self.sessions.put(request.session, category, recruited)
+        return recruited, category, reason
+
+
+class EmbeddingRouter(TwoLevelRouter):
+    """Level 1 only: the category's experts, by classifier probability."""
+
+    name = "embedding"
+    use_level2 = False
+
+
+class SymbolicRouter(TwoLevelRouter):
+    """Level 2 only: every expert ranked by skills × profiles (no classifier to fit)."""
+
+    name = "symbolic"
+    use_level1 = False
