@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("coe.fit")
 
-FIT_VERSION = 1
+FIT_VERSION = 2
 """Part of the fingerprint: bump when the recipe changes, so old artifacts are refitted."""
 ANCHOR_WEIGHT = 5.0
 LAMBDAS = (1e-4, 3e-5, 1e-5)
@@ -60,6 +60,7 @@ KNN_KS = (10, 25, 50, 100)
 WEIGHT_GRID = (0.0, 0.5, 1.0, 1.5, 2.0)
 ECE_BINS = 15
 HOLDOUT_MIN_ROWS = 1000
+CALIBRATION_MIN_ROWS = 200
 
 
 @dataclass
@@ -186,7 +187,7 @@ def _sparse(tfidf: Tfidf, texts: Sequence[str]) -> Any:
         vals.append(val)
     ind = torch.from_numpy(np.stack([np.concatenate(rows), np.concatenate(cols)]).astype(np.int64))
     return torch.sparse_coo_tensor(ind, torch.from_numpy(np.concatenate(vals).astype(np.float32)),
-                                   (len(texts), len(tfidf.vocab))).coalesce()
+                                   (len(texts), len(tfidf.vocab)), check_invariants=False).coalesce()
 
 
 @dataclass
@@ -386,6 +387,8 @@ def fit(cfg: RegistryConfig, embedder: Embedder, *, seed: int = 0,
             best_key, weights = key, {"linear": 1.0, "knn": wk, "tfidf": wt}
     ens: Matrix = z[best["linear"]] + weights["knn"] * z[best["knn"]] + weights["tfidf"] * z[best["tfidf"]]
     temperature = fit_temperature(ens, y)
+    if len(y) < CALIBRATION_MIN_ROWS:  # too few held-out rows to trust a sharpening temperature:
+        temperature = max(temperature, sum(weights.values()))  # no sharper than the members' geometric mean
     tune_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -1,0 +1,263 @@
+"""The two-level router on the real parts: the packaged MiniLM (ONNX), real FAISS, a small labelled
+fixture cut from the MMLU example data (5 categories x 40 questions), fitted once per module."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from coe.classifier import CategoryClassifier
+from coe.config import ExpertConfig, RegistryConfig
+from coe.embed import shared_embedder
+from coe.errors import ConfigError, InvalidRequest
+from coe.fit import ensure_classifier
+from coe.loader import load_registry
+from routers import RouteRequest, make_router
+from routers.twolevel import TwoLevelRouter
+
+ROOT = Path(__file__).resolve().parent.parent
+CATEGORIES = ["computer science", "math", "health", "law", "history"]
+
+
+def write_fixture(folder: Path, **router: Any) -> Path:
+    rows = [json.loads(line) for line in (ROOT / "examples/mmlu/mmlu_dev.jsonl").read_text().splitlines()]
+    rng = random.Random(0)
+    picked = []
+    for c in CATEGORIES:
+        of_c = [r for r in rows if r["labels"]["subcategory"] == c]
+        rng.shuffle(of_c)
+        picked += of_c[:40]
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in picked))
+    experts: list[dict[str, Any]] = [
+        {"name": c.replace(" ", "-"), "backend": "b", "model": "m", "categories": [c]} for c in CATEGORIES]
+    experts[0].update(description="Programming and source code, algorithms, computer security.",
+                      skills=["programming", "algorithms"])
+    experts[1].update(skills=["calculus", "algebra"])
+    experts[2].update(skills=["pharmacology"])
+    experts.append({"name": "generalist", "backend": "b", "model": "m"})
+    cfg = folder / "experts.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "backends": {"b": {"url": "http://127.0.0.1:9/v1"}},  # never contacted: routing calls no expert
+        "experts": experts,
+        "router": {"strategy": "two-level", "data": "data.jsonl", "label": "labels.subcategory",
+                   "choices_view": False, "generalist": "generalist", "threshold": 0.6, **router},
+    }))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def fixture_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("twolevel")
+    write_fixture(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cfg(fixture_dir: Path) -> RegistryConfig:
+    return load_registry(fixture_dir / "experts.yaml")
+
+
+@pytest.fixture(scope="module")
+def router(cfg: RegistryConfig) -> TwoLevelRouter:
+    r = make_router(cfg)  # fits the classifier (about 15 s) and caches it under .coe/router
+    assert isinstance(r, TwoLevelRouter)
+    return r
+
+
+def ask(router: TwoLevelRouter, cfg: RegistryConfig, *turns: str, session: str | None = None) -> Any:
+    roles = ["user", "assistant"]
+    messages = [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
+    return asyncio.run(router.route(RouteRequest(messages=messages, session=session), cfg.experts))
+
+
+# ----------------------------------------------------------------------------- fit, artifact
+
+
+def test_fit_writes_a_versioned_artifact_without_pickle_that_loads_to_the_same_scores(
+        router: TwoLevelRouter, cfg: RegistryConfig) -> None:
+    folder = cfg.router.artifact
+    assert folder is not None
+    files = {p.name for p in folder.iterdir()}
+    assert {"meta.json", "knn.faiss", "knn_labels.npy", "linear_W.npy", "linear_b.npy",
+            "tfidf_vocab.json", "tfidf_idf.npy", "tfidf_W.npy", "tfidf_b.npy"} <= files
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".joblib"))]
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["format"] == 1 and meta["classes"] == sorted(CATEGORIES)
+    report = meta["fit"]
+    assert report["held_out"]["method"] == "5-fold cross-validation" and report["held_out"]["rows"] == 200
+    assert report["held_out_top1"] > 0.7  # five well-separated subjects: far above chance (0.2)
+    assert report["ece_after"] <= report["ece_before"] + 1e-9  # the fitted temperature never hurts held-out NLL much
+    loaded = CategoryClassifier.load(folder)
+    texts = ["What is the derivative of x^3?", "Who won the Battle of Hastings?"]
+    X = shared_embedder("onnx").encode(texts)
+    np.testing.assert_allclose(loaded.log_probs(X, texts), router.level1.classifier.log_probs(X, texts) if
+                               router.level1 else None, rtol=1e-5, atol=1e-5)
+    probs = np.exp(loaded.log_probs(X, texts))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_a_loaded_artifact_is_reused_and_a_changed_data_file_makes_it_stale(tmp_path: Path) -> None:
+    cfg = load_registry(write_fixture(tmp_path))
+    first = ensure_classifier(cfg, shared_embedder("onnx"))
+    again = ensure_classifier(cfg, shared_embedder("onnx"))
+    assert again.meta["fingerprint"] == first.meta["fingerprint"]
+    assert (tmp_path / ".coe/router/meta.json").exists()
+    with (tmp_path / "data.jsonl").open("a") as f:
+        f.write(json.dumps({"question": "What is a monad?", "labels": {"subcategory": "computer science"}}) + "\n")
+    stale_cfg = load_registry(tmp_path / "experts.yaml")
+    no_fit = stale_cfg.model_copy(update={"router": stale_cfg.router.model_copy(update={"auto_fit": False})})
+    kept = ensure_classifier(no_fit, shared_embedder("onnx"))  # auto_fit off: the stale one serves, with a warning
+    assert kept.meta["fingerprint"] == first.meta["fingerprint"]
+    refit = ensure_classifier(stale_cfg, shared_embedder("onnx"))
+    assert refit.meta["fingerprint"] != first.meta["fingerprint"] and refit.meta["fit"]["examples"] == 201
+
+
+def test_missing_artifact_with_auto_fit_off_is_a_clear_error(tmp_path: Path) -> None:
+    cfg = load_registry(write_fixture(tmp_path, auto_fit=False))
+    with pytest.raises(ConfigError, match="auto_fit is off"):
+        make_router(cfg)
+
+
+def test_bad_training_data_lists_every_bad_line(tmp_path: Path) -> None:
+    cfg_path = write_fixture(tmp_path)
+    (tmp_path / "data.jsonl").write_text(
+        '{"question": "ok", "labels": {"subcategory": "math"}}\nnot json\n{"question": "no label"}\n')
+    with pytest.raises(InvalidRequest, match=r"line 2: not valid JSON(.|\n)*line 3: needs one string at"):
+        make_router(load_registry(cfg_path))
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+def test_queries_go_to_their_category_experts(router: TwoLevelRouter, cfg: RegistryConfig) -> None:
+    cases = {"What is the derivative of x^3 + 2x?": "math",
+             "A 45-year-old man presents with crushing chest pain radiating to his left arm. "
+             "What is the first drug to give?": "health",
+             "Is a contract signed under duress enforceable?": "law",
+             "Who won the Battle of Hastings?": "history"}
+    for question, expert in cases.items():
+        d = ask(router, cfg, question)
+        assert d.router == "two-level" and d.experts[0].name == expert, (question, d)
+        assert d.category == expert and d.confidence >= 0.6 and not d.fallback
+        assert d.candidates[0].name == expert and len(d.candidates) == 5
+        assert d.aggregator in [e.name for e in d.experts]
+
+
+def test_an_unsure_query_keeps_specialists_first_and_appends_the_generalist(
+        router: TwoLevelRouter, cfg: RegistryConfig) -> None:
+    d = ask(router, cfg, "Can you explain that more simply?")
+    assert d.confidence < cfg.router.threshold and d.fallback
+    names = d.names()
+    assert names[-1] == "generalist" and names[0] != "generalist"
+    assert 1 + cfg.router.k_min <= len(names) <= cfg.router.k_max + 1
+    for question in ("Who won the Battle of Hastings?", "Which colour of tulip do you like best?",
+                     "What about the second one?"):
+        d = ask(router, cfg, question)  # the rule holds whatever the confidence
+        assert d.fallback == (d.confidence < cfg.router.threshold)
+        assert ("generalist" in d.names()) == d.fallback
+
+
+def test_routing_reads_the_conversation_not_only_the_last_message(
+        router: TwoLevelRouter, cfg: RegistryConfig) -> None:
+    alone = ask(router, cfg, "What about the second one?")
+    follow_up = ask(router, cfg, "Is a contract signed under duress enforceable?", "Usually it is voidable.",
+                    "What about the second one?")
+    assert follow_up.category == "law" and follow_up.experts[0].name == "law"
+    assert follow_up.confidence > alone.confidence and not follow_up.fallback
+    code = ask(router, cfg, "How do I sort a list of numbers in Java?", "Collections.sort(list).", "and in Python?")
+    assert code.experts[0].name == "computer-science"
+
+
+def test_a_session_keeps_its_experts_until_the_topic_clearly_changes(
+        router: TwoLevelRouter, cfg: RegistryConfig) -> None:
+    first = ask(router, cfg, "Is a contract signed under duress enforceable?", session="s-1")
+    assert first.experts[0].name == "law"
+    vague = ask(router, cfg, "Can you explain that more simply?", session="s-1")  # no history sent, only the key
+    assert vague.names() == first.names() and vague.category == "law" and "session kept" in vague.reason
+    other = ask(router, cfg, "Can you explain that more simply?", session="s-2")  # another session is not bound
+    assert other.category != "law" or other.names() != first.names()
+    moved = ask(router, cfg, "What is the derivative of x^3 + 2x?", session="s-1")
+    assert moved.confidence >= cfg.router.topic_change and moved.experts[0].name == "math"
+
+
+def test_top_k_is_deterministic_and_k_stays_within_bounds(cfg: RegistryConfig) -> None:
+    fixed = cfg.model_copy(update={"router": cfg.router.model_copy(update={"k_min": 2, "k_max": 2})})
+    router = make_router(fixed)  # loads the module's artifact: same fingerprint
+    assert isinstance(router, TwoLevelRouter)
+    questions = ["Who won the Battle of Hastings?", "What is 15% of 240?", "Can you explain that more simply?"]
+    first = [ask(router, fixed, q) for q in questions]
+    second = [ask(router, fixed, q) for q in questions]
+    assert [d.names() for d in first] == [d.names() for d in second]
+    for d in first:
+        specialists = [n for n in d.names() if n != "generalist"]
+        assert len(specialists) == 2
+        scores = [e.score for e in d.experts if e.name != "generalist"]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_seeded_sampling_is_reproducible(cfg: RegistryConfig) -> None:
+    sampled = cfg.model_copy(update={"router": cfg.router.model_copy(
+        update={"selection": "sample", "seed": 11, "k_min": 3, "k_max": 3})})
+    runs = []
+    for _ in range(2):
+        router = make_router(sampled)
+        assert isinstance(router, TwoLevelRouter)
+        runs.append([ask(router, sampled, q).names() for q in ("What is 15% of 240?", "Who was Charlemagne?")])
+    assert runs[0] == runs[1]
+
+
+def test_level2_reranks_with_measured_profiles_and_picks_up_a_new_profile(tmp_path: Path) -> None:
+    """Symbolic strategy: no classifier; profiles from a file that changes while the router runs."""
+    from coe.profiles import ExpertProfile, ProfileSet
+
+    profiles = tmp_path / "profiles.json"
+    ProfileSet(experts={
+        "solver": ExpertProfile(expert="solver", skills={"calculus": 6, "algebra": 4}, answered=10, correct=8),
+        "historian": ExpertProfile(expert="historian", skills={"medieval history": 5, "calculus": -4},
+                                   answered=10, correct=6),
+    }).save(profiles)
+    (tmp_path / "experts.yaml").write_text(yaml.safe_dump({
+        "backends": {"b": {"url": "http://127.0.0.1:9/v1"}},
+        "experts": [{"name": n, "backend": "b", "model": "m"} for n in ("historian", "solver", "newcomer")],
+        "router": {"strategy": "symbolic", "profiles": "profiles.json", "k_min": 1, "k_max": 1},
+    }))
+    cfg = load_registry(tmp_path / "experts.yaml")
+    router = make_router(cfg)
+    assert isinstance(router, TwoLevelRouter) and router.level1 is None
+    d = ask(router, cfg, "Compute the integral of x squared from 0 to 3.")
+    assert "calculus" in d.skills and d.experts[0].name == "solver" and d.category is None
+    # γ from accuracy^(1/τ): solver 0.8², historian 0.6²; newcomer has no evidence (synthetic, no skills)
+    gamma = router.recruiter.profiles(cfg.experts).global_strength()
+    assert gamma["solver"] == pytest.approx(0.64 / (0.64 + 0.36)) and gamma["newcomer"] == 0.0
+    # the newcomer is profiled (coe profile --experts newcomer --merge) and now fits calculus best
+    merged = ProfileSet.load(profiles)
+    merged.experts["newcomer"] = ExpertProfile(expert="newcomer", skills={"calculus": 10}, answered=10, correct=10)
+    merged.save(profiles)
+    d = ask(router, cfg, "Compute the integral of x squared from 0 to 3.")
+    assert d.experts[0].name == "newcomer"
+
+
+def test_annotator_keywords_repeated_across_samples_map_to_profile_skills(cfg: RegistryConfig) -> None:
+    """The annotator is an LLM; a scripted one (named for what it is) pins the voting rule: keep keywords
+    seen in at least min_count of the samples, then map each to its nearest profile skill."""
+    answers = iter(["Calculus, limits", "calculus; algebra", "Derivatives, calculus", "algebra", "poetry"])
+
+    async def scripted_annotator(expert: ExpertConfig, messages: list[dict[str, Any]],
+                                 params: dict[str, Any]) -> str:
+        assert "Question: d/dx x^3?" in messages[0]["content"] and params["temperature"] > 0
+        return next(answers)
+
+    annotated = cfg.model_copy(update={"router": cfg.router.model_copy(update={"skills": cfg.router.skills.model_copy(
+        update={"mode": "annotator", "annotator": "math", "samples": 5, "min_count": 2})})})
+    router = make_router(annotated, scripted_annotator)
+    d = asyncio.run(router.route(RouteRequest(messages=[{"role": "user", "content": "d/dx x^3?"}]),
+                                 annotated.experts))
+    assert d.skills[:2] == ["calculus", "algebra"] or set(d.skills) == {"calculus", "algebra"}
+    assert d.experts[0].name == "math"
