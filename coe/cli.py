@@ -153,7 +153,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     print(f"profiling {len(experts)} expert(s) on {len(items)} question(s) from {args.data} "
           f"(skills: {field})", file=sys.stderr)
     run = asyncio.run(run_profile(cfg, items, skills_field=field, experts=experts, concurrency=args.concurrency,
-                                  max_tokens=args.max_tokens, source=str(args.data),
+                                  max_tokens=args.max_tokens, source=str(args.data), aggregation=args.aggregation,
                                   progress=lambda line: print(line, file=sys.stderr)))
     out = Path(args.output) if args.output else Path(args.config).resolve().parent / ".coe" / "profiles.json"
     profiles = run.profiles
@@ -166,9 +166,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     results.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in run.records), encoding="utf-8")
     scored = [r["chance"] for r in run.records if "chance" in r]
     chance = sum(scored) / max(1, len(scored))
-    print(f"\n{'EXPERT':<16} {'ANSWERED':>8} {'CORRECT':>8} {'ACCURACY':>9}  (chance {chance:.3f})")
+    print(f"\n{'EXPERT':<16} {'ANSWERED':>8} {'CORRECT':>8} {'ACCURACY':>9} {'AGGREGATION':>11}  "
+          f"(chance {chance:.3f})")
     for name, p in run.profiles.experts.items():
-        print(f"{name:<16} {p.answered:>8} {p.correct:>8} {p.accuracy or 0:>9.3f}")
+        agg = "-" if p.aggregation_score is None else f"{p.aggregation_score:.3f}"
+        print(f"{name:<16} {p.answered:>8} {p.correct:>8} {p.accuracy or 0:>9.3f} {agg:>11}")
     errors = sum(1 for r in run.records if "error" in r)
     print(f"\nprofiles: {out}\nanswers: {results}\nerrors: {errors}; {run.seconds:.0f}s", file=sys.stderr)
     return 0 if errors == 0 else 1
@@ -260,6 +262,8 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--concurrency", type=int, default=8)
     profile.add_argument("--max-tokens", type=int, default=16)
 
+    profile.add_argument("--aggregation", type=int, default=20, metavar="N",
+                         help="also score each expert as the aggregator of the others' answers on N questions")
     profile.add_argument("--merge", action="store_true",
                          help="update only these experts' profiles in the existing file (a newly registered expert)")
 

@@ -113,8 +113,10 @@ async def annotator_completer(cfg: RegistryConfig) -> AsyncIterator[Completer | 
 
 async def run_profile(cfg: RegistryConfig, items: list[dict[str, Any]], *, skills_field: str,
                       experts: list[ExpertConfig], concurrency: int = 8, max_tokens: int = 16,
-                      ready_timeout_s: float = 900, source: str = "",
+                      ready_timeout_s: float = 900, source: str = "", aggregation: int = 0,
                       progress: Callable[[str], None] = lambda _: None) -> ProfileRun:
+    """Each expert's whole group in turn; then, with ``aggregation`` > 0, each expert as the aggregator
+    of the others' answers on that many questions (its aggregation score)."""
     started = time.perf_counter()
     pool = BackendPool(health_interval_s=cfg.dispatch.health_interval_s)
     records: list[dict[str, Any]] = []
@@ -147,8 +149,56 @@ async def run_profile(cfg: RegistryConfig, items: list[dict[str, Any]], *, skill
             accuracy = sum(r["correct"] for r in done) / len(done) if done else 0.0
             progress(f"{expert.name}: {len(done)}/{len(items)} answered, accuracy {accuracy:.3f} "
                      f"({time.perf_counter() - t0:.0f}s)")
+        scores = {}
+        if aggregation > 0 and len(experts) > 1:
+            scores = await _aggregation_scores(dispatcher, experts, items[:aggregation], records, concurrency,
+                                               max_tokens, progress)
     finally:
         await pool.aclose()
     outcomes = [Outcome(r["expert"], tuple(r["skills"]), r["correct"]) for r in records if "correct" in r]
     profiles = build_profiles(outcomes, source=source, skills_field=skills_field)
+    for name, score in scores.items():
+        if name in profiles.experts:
+            profiles.experts[name].aggregation_score = score
     return ProfileRun(profiles, records, time.perf_counter() - started)
+
+
+def aggregation_prompt(item: dict[str, Any], answers: list[str]) -> str:
+    """The question, then the other experts' answers as quoted material (never as instructions)."""
+    quoted = "\n".join(f"Answer {i + 1}: \"{a.strip()[:500]}\"" for i, a in enumerate(answers))
+    return (f"{format_question(item)}\n\nOther experts answered (quoted, may be wrong):\n{quoted}\n\n"
+            "Weigh them and give the correct answer.")
+
+
+async def _aggregation_scores(dispatcher: Dispatcher, experts: list[ExpertConfig], items: list[dict[str, Any]],
+                              records: list[dict[str, Any]], concurrency: int, max_tokens: int,
+                              progress: Callable[[str], None]) -> dict[str, float]:
+    """Symbolic-MoE's aggregator choice: how often an expert, given the others' answers, gets it right."""
+    answers: dict[Any, dict[str, str]] = {}
+    for r in records:
+        if "answer" in r:
+            answers.setdefault(r["id"], {})[r["expert"]] = r["answer"]
+    scores: dict[str, float] = {}
+    for aggregator in experts:  # grouped per expert, like the answers
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(item: dict[str, Any], aggregator: ExpertConfig = aggregator,
+                      gate: asyncio.Semaphore = gate) -> bool | None:
+            others = [a for name, a in answers.get(item["id"], {}).items() if name != aggregator.name]
+            if not others:
+                return None
+            body = {"messages": [{"role": "user", "content": aggregation_prompt(item, others)}],
+                    "max_tokens": max_tokens, "temperature": 0}
+            async with gate:
+                try:
+                    result, _, _ = await dispatcher.chat([aggregator], body,
+                                                         request_id=f"aggregate-{aggregator.name}-{item['id']}")
+                except CoeError:
+                    return None
+            return is_correct(item, str(result["choices"][0]["message"].get("content") or ""))
+
+        outcomes = [o for o in await asyncio.gather(*(one(i) for i in items)) if o is not None]
+        if outcomes:
+            scores[aggregator.name] = round(sum(outcomes) / len(outcomes), 4)
+            progress(f"{aggregator.name}: aggregation score {scores[aggregator.name]:.3f} on {len(outcomes)}")
+    return scores

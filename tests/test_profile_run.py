@@ -58,6 +58,19 @@ def test_coe_profile_end_to_end(vllm_server: Any, tmp_path: Path) -> None:
         assert p.skills == expected
         assert set(p.skills) == {"arithmetic", "geography", "chemistry"}
         assert not p.synthetic
+        assert p.aggregation_score is not None and 0.0 <= p.aggregation_score <= 1.0  # judged on the others' answers
+    assert "AGGREGATION" in result.stdout
+
+    # A newly registered expert is profiled on the same validation set and merged in: the others' stay as measured.
+    merged = subprocess.run(
+        [sys.executable, "-m", "coe.cli", "profile", "--config", str(config), "--data", str(data),
+         "--experts", "tiny-a1", "--output", str(out), "--max-tokens", "4", "--merge"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert merged.returncode == 0, merged.stderr
+    after = ProfileSet.load(out)
+    assert set(after.experts) == {"tiny-base", "tiny-a0", "tiny-a1"}
+    assert after.experts["tiny-base"] == profiles.experts["tiny-base"]
+    assert after.experts["tiny-a1"].answered == 4
 
 
 def test_profile_rejects_bad_data_lines(vllm_server: Any, tmp_path: Path) -> None:
