@@ -8,7 +8,9 @@ weigh more than one line, so the router generalizes beyond the data's phrasing.
 
 Hyperparameters (L2 strengths, k, ensemble weights) are chosen on held-out data
 (a stratified 15% split, or 5-fold cross-validation for small data), the
-temperature is fitted there too, then every member is refitted on all data. The
+temperature is fitted there too (with under 200 held-out rows it may soften but
+never sharpen beyond the members' geometric mean: a few described examples are
+too easy to separate to calibrate on), then every member is refitted on all data. The
 report records each member's held-out top-1 and the calibration error (ECE)
 before and after scaling.
 
