@@ -28,7 +28,7 @@ import tempfile
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 SETUP_HINT = "run deploy/setup.sh (or: pip install -e '.[router]')"
 MAX_SEQ_LENGTH = 256
 """Tokens per text, special tokens included: what sentence-transformers uses for this model."""
+MAX_BATCH_TOKENS = 512
+"""Padded tokens per onnxruntime call; see ``_chunks``."""
 EXPORT_FORMAT = 1
 """Part of the cache key: bump when the exported graph or the quantization recipe changes."""
 DEFAULT_CACHE_ROOT = Path("~/.cache/coe/embedders")
@@ -241,6 +243,7 @@ class OnnxMiniLM(Embedder):
         root = (cache_dir if cache_dir is not None else DEFAULT_CACHE_ROOT).expanduser()
         self.cache_path = root / f"minilm-{model_hash(self.path)}"
         self.exported = False
+        self.max_batch_tokens = MAX_BATCH_TOKENS
         self.model_file = self._ensure()
 
         # tokenizer.json ships with truncation at 128 and fixed padding to 128: replace both.
@@ -300,8 +303,7 @@ class OnnxMiniLM(Embedder):
         encodings = self.tokenizer.encode_batch(items) if len(items) > 1 else [self.tokenizer.encode(items[0])]
         lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
         order = np.argsort(lengths, kind="stable")
-        for start in range(0, len(items), batch_size):
-            rows = order[start:start + batch_size]
+        for rows in _chunks(order, lengths, batch_size, self.max_batch_tokens):
             width = int(lengths[rows].max())
             ids = np.zeros((len(rows), width), dtype=np.int64)
             mask = np.zeros((len(rows), width), dtype=np.int64)
@@ -312,6 +314,21 @@ class OnnxMiniLM(Embedder):
             (hidden,) = self.session.run(None, {"input_ids": ids, "attention_mask": mask})
             out[rows] = _mean_pool_normalize(hidden, mask)
         return out
+
+
+def _chunks(order: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64], batch_size: int,
+            max_tokens: int) -> Iterator[npt.NDArray[np.int64]]:
+    """Consecutive runs of ``order`` (shortest first) of at most ``batch_size`` texts whose padded size
+    (count x longest) stays within ``max_tokens``: one long text must not make 63 short ones pad to
+    its length (measured: 64 MMLU questions took 6 s as one padded batch, 0.5 s one by one)."""
+    start = 0
+    for end in range(1, len(order) + 1):
+        full = end - start > batch_size or (end - start) * int(lengths[order[end - 1]]) > max_tokens
+        if full and end - 1 > start:
+            yield order[start:end - 1]
+            start = end - 1
+    if start < len(order):
+        yield order[start:]
 
 
 def _mean_pool_normalize(hidden: Matrix, mask: npt.NDArray[np.int64]) -> Matrix:

@@ -54,6 +54,8 @@ class Recruiter:
         self._vectors: dict[str, Any] = {}
         self._measured: ProfileSet | None = None
         self._measured_stamp: tuple[int, int] | None = None
+        self._cache: tuple[Any, ProfileSet] | None = None
+        self._derived: tuple[list[str], Matrix, dict[str, float]] | None = None
 
     # -- profiles -----------------------------------------------------------------------
 
@@ -75,16 +77,22 @@ class Recruiter:
         return self._measured
 
     def profiles(self, experts: Sequence[ExpertConfig]) -> ProfileSet:
-        """Measured profiles for the experts that have one, synthetic ones for the rest."""
+        """Measured profiles for the experts that have one, synthetic ones for the rest; rebuilt only
+        when the experts or the profiles file change (this runs for every request)."""
         measured = self._load_measured()
-        synthetic = synthetic_profiles(experts, tau=self.config.tau)
-        if measured is None:
-            return synthetic
-        merged: dict[str, ExpertProfile] = {}
-        for e in experts:
-            merged[e.name] = measured.experts.get(e.name) or synthetic.experts[e.name]
-        return ProfileSet(tau=self.config.tau, source=measured.source, skills_field=measured.skills_field,
-                          experts=merged)
+        key = (self._measured_stamp, tuple((e.name, tuple(e.skills), tuple(e.categories)) for e in experts))
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        profiles = synthetic_profiles(experts, tau=self.config.tau)
+        if measured is not None:
+            merged: dict[str, ExpertProfile] = {
+                e.name: measured.experts.get(e.name) or profiles.experts[e.name] for e in experts}
+            profiles = ProfileSet(tau=self.config.tau, source=measured.source, skills_field=measured.skills_field,
+                                  experts=merged)
+        vocabulary = profiles.vocabulary()
+        self._derived = (vocabulary, self._skill_matrix(vocabulary), profiles.global_strength())
+        self._cache = (key, profiles)
+        return profiles
 
     # -- skills -------------------------------------------------------------------------
 
@@ -106,10 +114,10 @@ class Recruiter:
         """The profile skills nearest a query embedding, best first, with their cosine similarity."""
         import numpy as np
 
-        vocabulary = profiles.vocabulary()
+        vocabulary, matrix, _ = self._view(profiles)
         if not vocabulary:
             return []
-        sims = self._skill_matrix(vocabulary) @ vector
+        sims = matrix @ vector
         floor = self.config.skills.min_similarity if min_similarity is None else min_similarity
         order = np.argsort(-sims)[: top or self.config.skills.top]
         return [(vocabulary[i], round(float(sims[i]), 4)) for i in order if sims[i] >= floor]
@@ -144,8 +152,15 @@ class Recruiter:
     def fit_scores(self, skills: Sequence[str], profiles: ProfileSet,
                    names: Sequence[str]) -> dict[str, float]:
         """w_m = S_m(q) × γ_m for each named expert."""
-        gamma = profiles.global_strength()
+        gamma = self._view(profiles)[2]
         return {n: profiles.suitability(n, skills) * gamma.get(n, 0.0) for n in names}
+
+    def _view(self, profiles: ProfileSet) -> tuple[list[str], Matrix, dict[str, float]]:
+        """Vocabulary, its embeddings and γ: cached for the current profiles, computed for any other."""
+        if self._cache is not None and profiles is self._cache[1] and self._derived is not None:
+            return self._derived
+        vocabulary = profiles.vocabulary()
+        return vocabulary, self._skill_matrix(vocabulary), profiles.global_strength()
 
     def select(self, ranked: Sequence[tuple[str, float]], k: int) -> list[str]:
         """Top-k (deterministic, the default), or k drawn without replacement in proportion to score."""
