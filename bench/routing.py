@@ -25,12 +25,16 @@ What it does, in one run
 4. Generalization: ``GEN_SET`` of ``bench/router_level1_study.py`` (hand-written code, cert, calc,
    clinical, legal, short queries): top-1/top-3 per style, two-level and level-1-only.
 5. Speed, interleaved so machine noise hits every system alike: one decision at a time
-   (``await router.route``; ``--single`` queries after a warm-up) p50/p99 for the two-level router,
-   the level-1-only router, a plain kNN baseline and the bare embedding of one query; then batched
-   throughput (``route_many`` in batches of ``--batch`` over the held-out questions), two rounds in
-   ABC/CBA order. kNN baseline: the same embedder, a FAISS ``IndexFlatIP`` over the train split's
-   question embeddings, kNN-10 majority vote (ties to the larger similarity sum); its top-1/top-3 on
-   the held-out set too. ``os.getloadavg()`` before and after.
+   (``await router.route``; ``--single`` queries, a seeded random sample of the held-out questions,
+   after a warm-up) p50/p99 for the two-level router, the level-1-only router, a plain kNN baseline
+   and the bare embedding of one query; then batched throughput (``route_many`` in batches of
+   ``--batch`` over all held-out questions), two rounds in ABCD/DCBA order. kNN baseline: the same
+   embedder, a FAISS ``IndexFlatIP`` over the train split's question embeddings, kNN-10 majority vote
+   (ties to the larger similarity sum); its top-1/top-3 on the held-out set too. Diagnostic: the same
+   kNN batched with ``encode(batch_size=8)``, which shows what padding every text of a batch to the
+   batch's longest costs. Recorded with them: ``os.getloadavg()`` before and after, the busy cores
+   (this process vs the rest of the machine, from /proc/stat) and the token lengths of the queries.
+   Machines here are shared: compare systems within one run, and read ``busy_cores.other``.
 6. BIG-bench skill check (level 2 alone, strategy ``symbolic``). ``bigbench_dev.jsonl`` is split 50/50
    per task. Six synthetic experts each own a group of BIG-bench domains (``SKILL_EXPERTS``). On the
    profiling half each expert's answers are *simulated* (correct with probability 0.85 in its own
@@ -57,6 +61,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import hashlib
 import importlib.metadata as md
 import importlib.util
 import json
@@ -205,6 +210,41 @@ def git_commit() -> str:
     return "unknown"
 
 
+def source_hashes() -> dict[str, str]:
+    """sha256 (first 12 hex) of the code and config this bench exercises: the tree may be mid-edit."""
+    files = [CONFIG, ROOT / "coe" / "fit.py", ROOT / "coe" / "classifier.py", ROOT / "coe" / "embed.py",
+             ROOT / "coe" / "profiles.py", ROOT / "coe" / "tfidf.py", *sorted((ROOT / "routers").glob("*.py"))]
+    return {str(f.relative_to(ROOT)): hashlib.sha256(f.read_bytes()).hexdigest()[:12] for f in files if f.exists()}
+
+
+def cpu_now() -> tuple[float, float, float]:
+    """(machine busy CPU seconds from /proc/stat, this process's CPU seconds, wall seconds)."""
+    try:
+        parts = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        busy = (sum(parts[:8]) - parts[3] - parts[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        busy = float("nan")
+    return busy, time.process_time(), time.perf_counter()
+
+
+def busy_cores(start: tuple[float, float, float]) -> dict[str, float]:
+    """Cores kept busy since ``start``: by this process, and by everything else on the machine."""
+    end = cpu_now()
+    wall = max(end[2] - start[2], 1e-9)
+    total, ours = (end[0] - start[0]) / wall, (end[1] - start[1]) / wall
+    return {"all": round(total, 2), "ours": round(ours, 2), "other": round(max(total - ours, 0.0), 2)}
+
+
+def token_stats(embedder: Embedder, texts: Sequence[str]) -> dict[str, float] | None:
+    """Token counts (after the embedder's truncation) of ``texts``: embedding cost grows with them."""
+    tokenizer = getattr(embedder, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    n = np.array([len(e.ids) for e in tokenizer.encode_batch(list(texts))])
+    return {"mean": round(float(n.mean()), 1), "p50": float(np.percentile(n, 50)),
+            "p90": float(np.percentile(n, 90)), "max": int(n.max())}
+
+
 def machine() -> dict[str, Any]:
     try:
         affinity = len(os.sched_getaffinity(0))
@@ -347,7 +387,7 @@ def draw_confusion(m: np.ndarray, classes: Sequence[str], path: Path, title: str
     """Rows: gold subcategory; columns: the router's first choice (as its category). Colour = row share."""
     from PIL import Image, ImageDraw
 
-    cell, left, top, right, bottom = 46, 175, 185, 150, 40
+    cell, left, top, right, bottom = 46, 175, 200, 150, 40
     n = len(classes)
     w, h = left + n * cell + right, top + n * cell + bottom
     img = Image.new("RGB", (w, h), "white")
@@ -398,10 +438,17 @@ class KnnBaseline:
     """Plain kNN: the router's embedder, exact inner product over the train split, majority vote."""
 
     def __init__(self, embedder: Embedder, texts: Sequence[str], labels: np.ndarray, n_classes: int,
-                 k: int = KNN_K) -> None:
+                 k: int = KNN_K, cache: Path | None = None) -> None:
         self.embedder, self.k, self.n_classes = embedder, k, n_classes
         t0 = time.perf_counter()
-        self.index = faiss_index(embedder.encode(list(texts)))
+        self.cached = cache is not None and cache.exists()
+        if cache is not None and self.cached:
+            X = np.load(cache)
+        else:
+            X = embedder.encode(list(texts))
+            if cache is not None:
+                np.save(cache, X)
+        self.index = faiss_index(X)
         self.build_s = time.perf_counter() - t0
         self.labels = labels
 
@@ -415,15 +462,20 @@ class KnnBaseline:
         np.add.at(tie, (rows, labels), sims.ravel())
         return counts + 1e-3 * tie  # a tie in votes goes to the class with the larger similarity sum
 
-    def predict(self, texts: Sequence[str]) -> np.ndarray:
-        return self.votes(self.embedder.encode(list(texts)))
+    def predict(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        return self.votes(self.embedder.encode(list(texts), batch_size=batch_size))
 
 
 async def speed(two: Router, one: Router, knn: KnnBaseline, embedder: Embedder, texts: Sequence[str],
-                experts: Sequence[ExpertConfig], n_single: int, batch: int) -> dict[str, Any]:
-    """Single decisions interleaved (rotating order per query), then batched rounds in ABC / CBA order."""
+                experts: Sequence[ExpertConfig], n_single: int, batch: int, seed: int) -> dict[str, Any]:
+    """Single decisions interleaved (rotating order per query) on a seeded sample of the held-out
+    questions, then batched rounds over all of them in ABC / CBA order."""
     load_before = os.getloadavg()
-    for t in texts[:WARMUP]:
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(texts), size=min(n_single + WARMUP, len(texts)), replace=False)
+    sample = [texts[int(i)] for i in pick]
+    cpu0 = cpu_now()
+    for t in sample[:WARMUP]:
         await two.route(request(t), experts)
         await one.route(request(t), experts)
         knn.predict([t])
@@ -431,7 +483,7 @@ async def speed(two: Router, one: Router, knn: KnnBaseline, embedder: Embedder, 
     systems = ["two-level", "embedding", "knn-10", "embed-only"]
     single: dict[str, list[float]] = {s: [] for s in systems}
     for i in range(n_single):
-        t = texts[(WARMUP + i) % len(texts)]
+        t = sample[WARMUP + i % (len(sample) - WARMUP)]
         order = systems[i % 4:] + systems[:i % 4]
         for s in order:
             t0 = time.perf_counter()
@@ -445,6 +497,8 @@ async def speed(two: Router, one: Router, knn: KnnBaseline, embedder: Embedder, 
                 embedder.encode([t])
             single[s].append((time.perf_counter() - t0) * 1000)
     load_mid = os.getloadavg()
+    cores_single = busy_cores(cpu0)
+    cpu1 = cpu_now()
 
     async def batched(s: str) -> float:
         t0 = time.perf_counter()
@@ -453,24 +507,36 @@ async def speed(two: Router, one: Router, knn: KnnBaseline, embedder: Embedder, 
                 await two.route_many([request(t) for t in part], experts)
             elif s == "embedding":
                 await one.route_many([request(t) for t in part], experts)
-            else:
+            elif s == "knn-10":
                 knn.predict(part)
+            else:  # the same kNN, the embedder padding sub-batches of 8 instead of the whole batch
+                knn.predict(part, batch_size=8)
         return len(texts) / (time.perf_counter() - t0)
 
-    rounds: dict[str, list[float]] = {s: [] for s in systems[:3]}
-    for order in (systems[:3], list(reversed(systems[:3]))):
+    batched_systems = [*systems[:3], "knn-10-encode-batch-8"]
+    rounds: dict[str, list[float]] = {s: [] for s in batched_systems}
+    for order in (batched_systems, list(reversed(batched_systems))):
         for s in order:
             rounds[s].append(round(await batched(s), 1))
     load_after = os.getloadavg()
+    cores_batched = busy_cores(cpu1)
     return {
         "single": {s: lat_summary(v) for s, v in single.items()},
-        "single_note": f"{n_single} queries after {WARMUP} warm-up, one at a time, the four systems interleaved "
+        "single_tokens": token_stats(embedder, sample[WARMUP:]),
+        "single_note": f"{n_single} queries (a seeded random sample of the held-out questions) after {WARMUP} "
+                       "warm-up, one at a time, the four systems interleaved "
                        "in rotating order; two-level/embedding go through 'await router.route' (which hops to "
                        "a worker thread for the embedding), knn-10 and embed-only are plain calls",
         "batched_qps": {s: {"rounds": v, "mean": round(float(np.mean(v)), 1), "best": max(v)}
                         for s, v in rounds.items()},
-        "batched_note": f"{len(texts)} held-out questions in batches of {batch}, two rounds (ABC then CBA)",
+        "batched_tokens": token_stats(embedder, texts),
+        "batched_note": f"{len(texts)} held-out questions in batches of {batch}, two rounds (ABCD then DCBA). "
+                        "knn-10-encode-batch-8 is a diagnostic: the same kNN with encode(batch_size=8), so the "
+                        "embedder pads each length-sorted group of 8 to its longest text instead of all 64 to the "
+                        "longest of the batch",
         "loadavg": {"before": load_before, "after_single": load_mid, "after_batched": load_after},
+        "busy_cores": {"single": cores_single, "batched": cores_batched,
+                       "note": "from /proc/stat and this process's CPU time; 'other' = the rest of the machine"},
     }
 
 
@@ -524,6 +590,8 @@ async def bigbench_skill_check(seed: int) -> dict[str, Any]:
     random_cover, random_domain, gold_cover, gold_domain, oracle = [], [], [], [], []
     constant_cover: dict[str, list[bool]] = {n: [] for n in names}
     firsts: Counter[str] = Counter()
+    firsts_no_skill: Counter[str] = Counter()
+    domain_matched: list[bool] = []  # per domain_ok entry: did level 2 match any skill
     per_domain: dict[str, list[bool]] = defaultdict(list)
     for r, d in zip(held, decisions, strict=True):
         gold = set(_skills(r))
@@ -534,6 +602,8 @@ async def bigbench_skill_check(seed: int) -> dict[str, Any]:
         any_cover.append(any(covers(e.name, gold) for e in d.experts))
         picked = set(d.skills)
         no_skills.append(not picked)
+        if not picked:
+            firsts_no_skill[first] += 1
         skill_hit.append(bool(picked & gold))
         if picked:
             skill_prec.append(len(picked & gold) / len(picked))
@@ -547,9 +617,13 @@ async def bigbench_skill_check(seed: int) -> dict[str, Any]:
         gold_cover.append(covers(best_gold, gold))
         if owner is not None:
             domain_ok.append(first == owner)
+            domain_matched.append(bool(picked))
             random_domain.append(1 / len(names))
             gold_domain.append(best_gold == owner)
             per_domain[r["labels"]["domain"]].append(first == owner)
+    matched = ~np.array(no_skills)
+    dm = np.array(domain_matched, dtype=bool)
+    dok = np.array(domain_ok, dtype=bool)
     best_constant = max(names, key=lambda n: float(np.mean(constant_cover[n])))
     return {
         "method": (
@@ -584,6 +658,12 @@ async def bigbench_skill_check(seed: int) -> dict[str, Any]:
             "skills_precision_mean": round(float(np.mean(skill_prec)), 4) if skill_prec else None,
             "skills_recall_mean": round(float(np.mean(skill_rec)), 4),
             "no_skill_matched": rate(no_skills),
+            "skill_cover_first_when_skills_matched": rate(np.array(first_cover)[matched]),
+            "skill_cover_first_when_no_skill_matched": rate(np.array(first_cover)[~matched]),
+            "domain_match_first_when_skills_matched": rate(dok[dm]),
+            "first_choice_when_no_skill_matched": dict(firsts_no_skill.most_common()),
+            "no_skill_note": "with no skill matched every expert's level-2 score is 0 and the ranking falls back to "
+                             "registry order (the first expert listed), not to global strength",
             "first_choice_counts": dict(firsts.most_common()),
             "recruited_k": {str(k): v for k, v in sorted(Counter(len(d.experts) for d in decisions).items())},
         },
@@ -689,8 +769,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     # 5. speed, with the kNN baseline built on the train split's questions
     print("kNN baseline: embedding the train split ...")
     cls_idx = {c: i for i, c in enumerate(classes)}
+    cache = None
+    if args.reuse_artifact:
+        key = hashlib.sha256(train_file.read_bytes() + embedder_id(embedder).encode()).hexdigest()[:16]
+        cache = WORK / f"knn-train-{key}.npy"
     knn = KnnBaseline(embedder, [rows[i]["question"] for i in train_idx],
-                      np.array([cls_idx[subcats[i]] for i in train_idx]), len(classes))
+                      np.array([cls_idx[subcats[i]] for i in train_idx]), len(classes), cache=cache)
     y_held = np.array([cls_idx[c] for c in gold_cats])
     knn_quality = {}
     for view in ("question", "question_choices"):
@@ -699,9 +783,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         knn_quality[view] = {"top1": rate(v.argmax(axis=1) == y_held),
                              "top3": rate((top3 == y_held[:, None]).any(axis=1))}
     print("speed ...")
-    spd = await speed(two, one, knn, embedder, texts_q, cfg.experts, args.single, args.batch)
+    spd = await speed(two, one, knn, embedder, texts_q, cfg.experts, args.single, args.batch, args.seed)
     spd["knn_baseline"] = {"k": KNN_K, "train_rows": len(train_idx), "index_build_s": round(knn.build_s, 1),
-                           "held_out": knn_quality}
+                           "train_embeddings_cached": knn.cached, "held_out": knn_quality}
 
     # 6. BIG-bench skill check
     print("BIG-bench skill check ...")
@@ -740,6 +824,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {**machine(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
         "versions": versions(),
         "git_commit": git_commit(),
+        "source_sha256": source_hashes(),
         "git_note": "commit read from .git; the working tree may have had uncommitted changes",
     }
     out = Path(args.out) if args.out else RESULTS / f"routing-{stamp}.json"
@@ -769,14 +854,16 @@ def print_summary(r: dict[str, Any], out: Path) -> None:
           f"{g['level1_only']['top1']:.2f}; per style " +
           ", ".join(f"{s} {c['two_level_top1']:.2f}" for s, c in g["per_style"].items()))
     s = r["speed"]
-    for name in ("two-level", "embedding", "knn-10", "embed-only"):
-        one = s["single"][name]
+    for name in ("two-level", "embedding", "knn-10", "embed-only", "knn-10-encode-batch-8"):
+        one = s["single"].get(name)
         qps = s["batched_qps"].get(name)
-        print(f"speed {name:10} single p50 {one['p50_ms']:.2f} ms p99 {one['p99_ms']:.2f} ms"
+        print(f"speed {name:10}"
+              + (f" single p50 {one['p50_ms']:.2f} ms p99 {one['p99_ms']:.2f} ms" if one else "")
               + (f"; batched {qps['mean']:.0f} q/s {qps['rounds']}" if qps else ""))
     k = s["knn_baseline"]["held_out"]
     print(f"kNN-10 baseline top-1: question {k['question']['top1']:.3f}, question+choices "
-          f"{k['question_choices']['top1']:.3f}; loadavg {s['loadavg']}")
+          f"{k['question_choices']['top1']:.3f}; busy cores {s['busy_cores']['single']} (single), "
+          f"{s['busy_cores']['batched']} (batched); loadavg {s['loadavg']}")
     b = r["bigbench_skills"]
     print(f"BIG-bench skills ({b['evaluated_questions']} q): first recruit covers a gold skill "
           f"{b['router']['skill_cover_first']:.3f} (random {b['baselines']['random_expert_skill_cover']:.3f}, best "

@@ -155,6 +155,11 @@ class Recruiter:
         gamma = self._view(profiles)[2]
         return {n: profiles.suitability(n, skills) * gamma.get(n, 0.0) for n in names}
 
+    def strengths(self, profiles: ProfileSet, names: Sequence[str]) -> dict[str, float]:
+        """γ_m for each named expert."""
+        gamma = self._view(profiles)[2]
+        return {n: gamma.get(n, 0.0) for n in names}
+
     def _view(self, profiles: ProfileSet) -> tuple[list[str], Matrix, dict[str, float]]:
         """Vocabulary, its embeddings and γ: cached for the current profiles, computed for any other."""
         if self._cache is not None and profiles is self._cache[1] and self._derived is not None:

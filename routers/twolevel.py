@@ -118,7 +118,9 @@ class TwoLevelRouter(Router):
         skills = [s for s, _ in matched]
         beta = 0.0 if not self.use_level2 else (1.0 if self.level1 is None else rc.level2_weight)
         names = [e.name for e in experts]
-        w = positive_shares(self.recruiter.fit_scores(skills, profiles, names)) if skills else dict.fromkeys(names, 0.0)
+        # No skill matched: S_m(q) is 0 for everyone, so global strength alone ranks (not file order).
+        w = positive_shares(self.recruiter.fit_scores(skills, profiles, names) if skills
+                            else self.recruiter.strengths(profiles, names))
         score = {n: (1 - beta) * p1.get(n, 0.0) + beta * w[n] for n in names}
         order = {n: i for i, n in enumerate(names)}  # ties keep the registry's order
 
@@ -147,8 +149,8 @@ class TwoLevelRouter(Router):
                     sorted(p1.items(), key=lambda t: (-t[1], order[t[0]]))[:CANDIDATES]] if p1 else [])
 
     def _k(self, confidence: float | None, matched: Sequence[tuple[str, float]]) -> int:
-        """k_min when level 1 is sure and skills match well; k_max when level 1 is at its threshold
-        or below and no skill matches; in between, by the mean of the two weaknesses."""
+        """k_min when level 1 is sure; towards k_max as its confidence falls to the threshold, more so
+        when no skill matches strongly. Level 2 alone: by the skill match only."""
         rc = self.config
         if rc.k_max == rc.k_min:
             return rc.k_min
@@ -157,15 +159,15 @@ class TwoLevelRouter(Router):
         best = max((s for _, s in matched), default=sc.min_similarity)
         strength = (best - sc.min_similarity) / max(sc.strong_similarity - sc.min_similarity, 1e-9)
         weak2 = 1 - min(1.0, max(0.0, strength)) if self.use_level2 else weak1
-        difficulty = (weak1 + weak2) / 2 if self.level1 is not None else weak2
+        difficulty = weak1 * (0.5 + 0.5 * weak2) if self.level1 is not None else weak2
         return rc.k_min + round((rc.k_max - rc.k_min) * difficulty)
 
     def _reason(self, category: str | None, confidence: float | None, confident: bool, skills: list[str],
                 k: int, beta: float) -> str:
         parts = []
         if category is not None and confidence is not None:
-            parts.append(f"category {category!r} at {confidence:.2f} "
-                         f"({'confident' if confident else f'below {self.config.threshold:.2f}: generalist joins'})")
+            parts.append(f"category {category!r} at {confidence:.3f} "
+                         f"({'confident' if confident else f'below {self.config.threshold:g}: generalist joins'})")
         if skills:
             parts.append(f"skills {', '.join(skills)}")
         parts.append(f"k={k}")
@@ -185,8 +187,8 @@ class TwoLevelRouter(Router):
             if not strong and kept:
                 self.sessions.put(request.session, previous.category, kept)
                 return kept, previous.category, (f"session kept its experts (new category {category!r} at "
-                                                 f"{confidence or 0:.2f} < topic_change "
-                                                 f"{self.config.topic_change:.2f}); {reason}")
+                                                 f"{confidence or 0:.3f} < topic_change "
+                                                 f"{self.config.topic_change:g}); {reason}")
         self.sessions.put(request.session, category, recruited)
         return recruited, category, reason
 
