@@ -207,6 +207,24 @@ def cmd_router_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rag_ingest(args: argparse.Namespace) -> int:
+    import json
+
+    from coe.embed import load_embedder
+    from coe.rag import RagIndex
+
+    cfg = load_registry(args.config)
+    rag = cfg.rag
+    assert rag.folder is not None, "the loader sets rag.folder"
+    folder = rag.folder / (args.index or rag.index)
+    index = RagIndex.open(folder, load_embedder(rag.embedder))
+    report = index.ingest([Path(p) for p in args.paths], chunk_words=rag.chunk_words,
+                          overlap_words=rag.overlap_words)
+    print(json.dumps(report, indent=2))
+    print(f"index: {folder}", file=sys.stderr)
+    return 0
+
+
 def cmd_build_tiny(args: argparse.Namespace) -> int:
     from coe.models.tiny import build_tiny
 
@@ -278,6 +296,13 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--output", help="artifact folder (default: router.artifact, .coe/router next to the config)")
     fit.add_argument("--no-choices-view", action="store_true",
                      help="train on questions only, not also on question + choices (halves the time)")
+
+    rag = sub.add_parser("rag", help="retrieval indexes for the composition pipeline").add_subparsers(
+        dest="rag_command", required=True, metavar="SUBCOMMAND")
+    ingest = command(rag.add_parser("ingest", help="chunk, embed and index text/Markdown files (re-ingest replaces)"),
+                     cmd_rag_ingest)
+    ingest.add_argument("paths", nargs="+", metavar="PATH")
+    ingest.add_argument("--index", help="index name (default: rag.index)")
 
     models = sub.add_parser("models", help="build local models offline").add_subparsers(
         dest="models_command", required=True, metavar="SUBCOMMAND")

@@ -253,7 +253,20 @@ class PipelineConfig(Strict):
 
 
 class RagConfig(Strict):
-    """Retrieval settings (owned by the composition pipeline)."""
+    """Retrieval: where ``coe rag ingest`` keeps indexes, how it chunks, how much a query retrieves."""
+
+    folder: Path | None = Field(None, description="index folders live here; default: .coe/rag next to the YAML")
+    index: str = Field("default", description="the index queries retrieve from")
+    chunk_words: int = Field(120, ge=16, le=2000, description="words per chunk")
+    overlap_words: int = Field(20, ge=0, description="words shared by consecutive chunks of one section")
+    top_k: int = Field(3, ge=1, le=50, description="passages retrieved per query")
+    embedder: str = Field("onnx", description="a name in coe.embed.EMBEDDERS")
+
+    @model_validator(mode="after")
+    def _overlap_below_chunk(self) -> RagConfig:
+        if self.overlap_words >= self.chunk_words:
+            raise ValueError(f"overlap_words ({self.overlap_words}) must be below chunk_words ({self.chunk_words})")
+        return self
 
 
 class DispatchConfig(Strict):

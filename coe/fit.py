@@ -27,8 +27,6 @@ import itertools
 import json
 import logging
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from coe.classifier import CategoryClassifier, Knn, LexicalLinear, Linear, faiss_index, log_softmax
 from coe.config import RegistryConfig
 from coe.errors import ConfigError, InvalidRequest
-from coe.files import locked
+from coe.files import locked, publish_folder
 from coe.profiles import skills_of
 from coe.tfidf import Tfidf
 
@@ -424,19 +422,8 @@ def fit(cfg: RegistryConfig, embedder: Embedder, *, seed: int = 0,
 
 
 def write_artifact(clf: CategoryClassifier, folder: Path) -> None:
-    """Into a temporary sibling, then renamed into place: readers see the old artifact or the new one."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}-build-", dir=folder.parent))
-    try:
-        clf.save(work)
-        old = folder.with_name(f".{folder.name}-old")
-        shutil.rmtree(old, ignore_errors=True)
-        if folder.exists():
-            folder.rename(old)
-        work.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    """Readers (another process's ``coe serve``) see the old artifact or the new one, never half."""
+    publish_folder(folder, clf.save)
 
 
 def _load(folder: Path) -> CategoryClassifier | None:
@@ -475,7 +462,7 @@ def ensure_classifier(cfg: RegistryConfig, embedder: Embedder, *,
     if cfg.router.data is None and not cfg.router.categories and not any(e.categories for e in cfg.experts):
         raise ConfigError(["router: nothing to fit the classifier on: set router.data (labelled JSONL) or "
                            "describe router.categories"])
-    with locked(folder.parent / f".{folder.name}-lock"):
+    with locked(folder.parent / f".{folder.name}-fit-lock"):
         current = _load(folder)  # another process may have fitted it while we waited
         if current is not None and current.meta.get("fingerprint") == expected(current):
             return current

@@ -283,6 +283,7 @@ def resolve_paths(cfg: RegistryConfig, base: Path) -> RegistryConfig:
     for expert in cfg.experts:
         if expert.adapter is not None and expert.adapter.path is not None:
             expert.adapter.path = _resolve(expert.adapter.path, base)
+    cfg.rag.folder = _resolve(cfg.rag.folder or Path(".coe/rag"), base)
     router = cfg.router
     router.artifact = _resolve(router.artifact or Path(".coe/router"), base)
     if router.data is not None:

@@ -1,0 +1,75 @@
+"""Retrieval ingest and search on the real MiniLM and FAISS: chunking, citations, re-ingest replaces."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coe.embed import shared_embedder
+from coe.errors import InvalidRequest
+from coe.rag import RagIndex, chunk_text
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_chunks_follow_sections_and_overlap() -> None:
+    text = "intro words here\n\n# Billing\n" + " ".join(f"w{i}" for i in range(50)) + "\n## Refunds\nMoney back."
+    chunks = chunk_text(text, "doc.md", chunk_words=20, overlap_words=5)
+    assert [c.heading for c in chunks] == ["", "Billing", "Billing", "Billing", "Refunds"]
+    assert [c.id for c in chunks] == [f"doc.md#{i}" for i in range(1, 6)]
+    billing = [c.text.split("\n", 1)[1].split() for c in chunks if c.heading == "Billing"]
+    assert billing[0][-5:] == billing[1][:5]  # consecutive windows share the overlap
+    assert chunks[-1].text == "Refunds\nMoney back."
+    with pytest.raises(ValueError):
+        chunk_text("x", "d", chunk_words=10, overlap_words=10)
+
+
+def test_ingest_search_cite_and_reingest_replaces(tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "orbit.md").write_text("# Orbit Ltd refunds\nOrbit Ltd refunds annual plans within 30 days of purchase.")
+    (docs / "kiwi.txt").write_text("Kiwi birds are flightless and lay very large eggs.")
+    index = RagIndex.open(tmp_path / "rag" / "default", shared_embedder("onnx"))
+    report = index.ingest([docs / "orbit.md", docs / "kiwi.txt"], chunk_words=50, overlap_words=10)
+    assert report["files"] == 2 and report["chunks_total"] == 2 and report["replaced"] == []
+    hits = RagIndex.open(tmp_path / "rag" / "default", shared_embedder("onnx")).search(
+        "How long do I have to get my money back from Orbit?", k=2)
+    assert hits[0].id.endswith("orbit.md#1") and hits[0].score > hits[1].score
+    assert "30 days" in hits[0].text
+    (docs / "orbit.md").write_text("# Orbit Ltd refunds\nOrbit Ltd now refunds annual plans within 14 days.")
+    again = RagIndex.open(tmp_path / "rag" / "default", shared_embedder("onnx"))
+    report = again.ingest([docs / "orbit.md"], chunk_words=50, overlap_words=10)
+    assert report["replaced"] and report["chunks_total"] == 2  # replaced, not duplicated
+    texts = [c.text for c in RagIndex.open(tmp_path / "rag" / "default", shared_embedder("onnx")).chunks]
+    assert any("14 days" in t for t in texts) and not any("30 days" in t for t in texts)
+    meta = json.loads((tmp_path / "rag" / "default" / "meta.json").read_text())
+    assert meta["format"] == 1 and len(meta["files"]) == 2
+    assert not list((tmp_path / "rag").glob(".default-build-*"))
+
+
+def test_bad_paths_are_all_listed_and_nothing_changes(tmp_path: Path) -> None:
+    index = RagIndex.open(tmp_path / "idx", shared_embedder("onnx"))
+    (tmp_path / "img.png").write_bytes(b"\x89PNG")
+    with pytest.raises(InvalidRequest, match=r"2 path\(s\)(.|\n)*img.png(.|\n)*missing.md"):
+        index.ingest([tmp_path / "img.png", tmp_path / "missing.md"], chunk_words=50, overlap_words=10)
+    assert not (tmp_path / "idx").exists()
+
+
+def test_coe_rag_ingest_cli(tmp_path: Path) -> None:
+    (tmp_path / "experts.yaml").write_text("experts: []\nrag: {chunk_words: 40, overlap_words: 5}\n")
+    doc = tmp_path / "faq.md"
+    doc.write_text("# Support hours\nSupport answers from 9 to 5 on weekdays.")
+    result = subprocess.run([sys.executable, "-m", "coe.cli", "rag", "ingest", str(doc), "--index", "faq",
+                             "--config", str(tmp_path / "experts.yaml")], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["chunks_total"] == 1
+    assert (tmp_path / ".coe" / "rag" / "faq" / "chunks.jsonl").exists()
+    bad = subprocess.run([sys.executable, "-m", "coe.cli", "rag", "ingest", str(tmp_path / "nope.md"),
+                          "--config", str(tmp_path / "experts.yaml")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 1 and "nope.md" in bad.stderr and "Traceback" not in bad.stderr
