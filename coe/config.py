@@ -261,6 +261,10 @@ class RagConfig(Strict):
     overlap_words: int = Field(20, ge=0, description="words shared by consecutive chunks of one section")
     top_k: int = Field(3, ge=1, le=50, description="passages retrieved per query")
     embedder: str = Field("onnx", description="a name in coe.embed.EMBEDDERS")
+    gate_threshold: float = Field(
+        0.45, ge=-1, le=1, description="retrieve when the nearest passage is at least this similar (calibrate it)")
+    categories: dict[str, Literal["auto", "always", "never"]] = Field(
+        default_factory=dict, description="per-category gate: always or never retrieve, or auto (the threshold)")
 
     @model_validator(mode="after")
     def _overlap_below_chunk(self) -> RagConfig:

@@ -73,3 +73,30 @@ def test_coe_rag_ingest_cli(tmp_path: Path) -> None:
                           "--config", str(tmp_path / "experts.yaml")], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 1 and "nope.md" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_gate_opens_for_corpus_questions_and_respects_category_rules(tmp_path: Path) -> None:
+    from coe.rag import RetrievalGate
+
+    doc = tmp_path / "orbit.md"
+    doc.write_text("# Orbit Ltd refunds\nOrbit Ltd refunds annual plans within 30 days of purchase.")
+    index = RagIndex.open(tmp_path / "idx", shared_embedder("onnx"))
+    index.ingest([doc], chunk_words=50, overlap_words=10)
+    gate = RetrievalGate(index, 0.45, categories={"math": "never", "support": "always"})
+    opened = gate.decide("Within how many days does Orbit Ltd refund an annual plan?")
+    assert opened.retrieve and opened.passages[0].id.endswith("orbit.md#1") and opened.similarity >= 0.45
+    closed = gate.decide("What is the derivative of x squared?")
+    assert not closed.retrieve and closed.passages == [] and closed.similarity < 0.45
+    assert not gate.decide("Orbit refunds?", category="math").retrieve
+    assert gate.decide("What is 2 + 2?", category="support").retrieve
+
+
+def test_calibrate_picks_the_best_f1_threshold() -> None:
+    from coe.rag import calibrate
+
+    c = calibrate([0.8, 0.7, 0.6, 0.3], [0.5, 0.2, 0.1])
+    # by hand: t=0.3 -> P 4/5, R 1, F1 0.889; t=0.6 -> P 1, R 0.75, F1 0.857; t=0.2 -> F1 0.8; t=0.5 -> 0.75
+    assert c.threshold == 0.3 and c.precision == pytest.approx(0.8) and c.recall == 1.0
+    assert c.f1 == pytest.approx(8 / 9)
+    with pytest.raises(ValueError):
+        calibrate([], [0.1])

@@ -6,6 +6,7 @@ replaces its chunks. See ``coe.rag.store``.
 """
 
 from coe.rag.chunk import Chunk, chunk_text
+from coe.rag.gate import Calibration, GateDecision, RetrievalGate, calibrate
 from coe.rag.store import Passage, RagIndex
 
-__all__ = ["Chunk", "Passage", "RagIndex", "chunk_text"]
+__all__ = ["Calibration", "Chunk", "GateDecision", "Passage", "RagIndex", "RetrievalGate", "calibrate", "chunk_text"]
