@@ -96,7 +96,8 @@ def test_calibrate_picks_the_best_f1_threshold() -> None:
 
     c = calibrate([0.8, 0.7, 0.6, 0.3], [0.5, 0.2, 0.1])
     # by hand: t=0.3 -> P 4/5, R 1, F1 0.889; t=0.6 -> P 1, R 0.75, F1 0.857; t=0.2 -> F1 0.8; t=0.5 -> 0.75
-    assert c.threshold == 0.3 and c.precision == pytest.approx(0.8) and c.recall == 1.0
+    assert c.threshold == pytest.approx(0.25)  # midway between 0.3 (kept) and 0.2 (the next lower)
+    assert c.precision == pytest.approx(0.8) and c.recall == 1.0
     assert c.f1 == pytest.approx(8 / 9)
     with pytest.raises(ValueError):
         calibrate([], [0.1])

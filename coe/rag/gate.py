@@ -53,12 +53,15 @@ class Calibration:
 
 
 def calibrate(answerable: Sequence[float], unrelated: Sequence[float]) -> Calibration:
-    """The threshold (among the observed similarities) with the best F1 of "retrieve"; ties go to the
-    higher threshold (fewer needless retrievals)."""
+    """The cut with the best F1 of "retrieve" (ties go to the higher one: fewer needless retrievals),
+    placed midway between the observed similarity it keeps and the next lower one, so a query a
+    little less similar than the weakest answerable one still retrieves."""
     if not answerable or not unrelated:
         raise ValueError("calibrate() needs similarities of both answerable and unrelated queries")
     best: Calibration | None = None
-    for t in sorted({*answerable, *unrelated}):
+    observed = sorted({*answerable, *unrelated})
+    below = dict(zip(observed[1:], observed[:-1], strict=True))
+    for t in observed:
         tp = sum(s >= t for s in answerable)
         fp = sum(s >= t for s in unrelated)
         precision = tp / (tp + fp) if tp + fp else 0.0
@@ -67,4 +70,7 @@ def calibrate(answerable: Sequence[float], unrelated: Sequence[float]) -> Calibr
         if best is None or f1 >= best.f1:
             best = Calibration(t, precision, recall, f1)
     assert best is not None
-    return best
+    lower = below.get(best.threshold)
+    if lower is None:
+        return best
+    return Calibration((best.threshold + lower) / 2, best.precision, best.recall, best.f1)
