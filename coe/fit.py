@@ -35,8 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 from coe.classifier import CategoryClassifier, Knn, LexicalLinear, Linear, faiss_index, log_softmax
 from coe.config import RegistryConfig
-from coe.errors import ConfigError, InvalidRequest
+from coe.errors import ConfigError
 from coe.files import locked, publish_folder
+from coe.jsonl import read_jsonl
 from coe.profiles import skills_of
 from coe.tfidf import Tfidf
 
@@ -85,38 +86,19 @@ def _text_views(item: dict[str, Any], choices_view: bool = True) -> list[str]:
 def read_labelled(path: Path, label: str, fine_label: str | None = None, *,
                   choices_view: bool = True) -> list[Example]:
     """Every line needs ``question`` (or ``text``) and a string at ``label``; every bad line is reported."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"{path}: cannot read: {exc}") from exc
-    examples: list[Example] = []
-    problems: list[str] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"line {number}: not valid JSON ({exc.msg})")
-            continue
-        if not isinstance(item, dict):
-            problems.append(f"line {number}: must be a JSON object")
-            continue
+    def parse(item: dict[str, Any], number: int) -> Example | str:
         views = _text_views(item, choices_view)
         labels = skills_of(item, label)
         fine = skills_of(item, fine_label) if fine_label else ()
         if not views:
-            problems.append(f"line {number}: needs 'question' (or 'text'), a non-empty string")
-        elif len(labels) != 1:
-            problems.append(f"line {number}: needs one string at {label!r}")
-        elif fine_label and len(fine) != 1:
-            problems.append(f"line {number}: needs one string at {fine_label!r}")
-        else:
-            examples.append(Example(views, labels[0], fine[0] if fine else None))
-    if problems:
-        shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
-        raise InvalidRequest(f"{path}: {len(problems)} bad line(s):\n" + "\n".join(shown))
-    return examples
+            return "needs 'question' (or 'text'), a non-empty string"
+        if len(labels) != 1:
+            return f"needs one string at {label!r}"
+        if fine_label and len(fine) != 1:
+            return f"needs one string at {fine_label!r}"
+        return Example(views, labels[0], fine[0] if fine else None)
+
+    return read_jsonl(path, parse, consequence="nothing was fitted")
 
 
 def anchors(cfg: RegistryConfig) -> list[Example]:

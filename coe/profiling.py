@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import time
@@ -25,6 +24,7 @@ from coe.backends.pool import BackendPool
 from coe.config import ExpertConfig, RegistryConfig
 from coe.dispatch import Dispatcher
 from coe.errors import BackendUnavailable, CoeError, InvalidRequest
+from coe.jsonl import read_jsonl
 from coe.metrics import Metrics
 from coe.profiles import Outcome, ProfileSet, build_profiles, skills_of
 from coe.scoring import chance, format_question, is_correct
@@ -42,26 +42,13 @@ class ProfileRun:
 
 def read_items(path: Path, *, limit: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """Labelled questions (``question``, ``answer``, optional ``choices``); every bad line is reported."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"{path}: cannot read: {exc}") from exc
-    items, problems = [], []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"line {number}: not valid JSON ({exc.msg})")
-            continue
-        if not isinstance(item, dict) or not isinstance(item.get("question"), str) or "answer" not in item:
-            problems.append(f"line {number}: needs 'question' (a string) and 'answer'")
-            continue
+    def parse(item: dict[str, Any], number: int) -> dict[str, Any] | str:
+        if not isinstance(item.get("question"), str) or "answer" not in item:
+            return "needs 'question' (a string) and 'answer'"
         item.setdefault("id", f"line-{number}")
-        items.append(item)
-    if problems:
-        raise InvalidRequest(f"{path}: {len(problems)} bad line(s):\n" + "\n".join(problems[:50]))
+        return item
+
+    items = read_jsonl(path, parse)
     if limit is not None and limit < len(items):
         items = random.Random(seed).sample(items, limit)
     return items

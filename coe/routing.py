@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coe.errors import InvalidRequest
+from coe.jsonl import BadLines, read_jsonl
 from routers.base import RoutingDecision
 
 CANDIDATES = 5
@@ -28,13 +28,8 @@ class RouteInput:
     line: int
 
 
-class RouteInputError(InvalidRequest):
+class RouteInputError(BadLines):
     """Some input lines are bad; ``problems`` lists each as ``line N: why``."""
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
-        super().__init__(f"{source}: {len(problems)} bad line(s); nothing was routed:\n" + "\n".join(shown))
-        self.problems = problems
 
 
 def _messages_problem(messages: Any) -> str | None:
@@ -48,14 +43,8 @@ def _messages_problem(messages: Any) -> str | None:
     return None
 
 
-def parse_line(text: str, number: int) -> RouteInput | str:
-    """One input line, or why it is bad."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return f"not valid JSON ({exc.msg} at column {exc.colno})"
-    if not isinstance(obj, dict):
-        return "must be a JSON object"
+def parse_line(obj: dict[str, Any], number: int) -> RouteInput | str:
+    """One input line's object, or why it is bad."""
     if "custom_id" in obj:
         body = obj.get("body")
         if not isinstance(body, dict):
@@ -78,29 +67,21 @@ def parse_line(text: str, number: int) -> RouteInput | str:
 
 def read_inputs(path: Path) -> list[RouteInput]:
     """Every line checked first: raises ``RouteInputError`` listing every bad line number."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"{path}: cannot read: {exc}") from exc
-    inputs: list[RouteInput] = []
-    problems: list[str] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        parsed = parse_line(line, number)
-        if isinstance(parsed, str):
-            problems.append(f"line {number}: {parsed}")
-            continue
-        key = json.dumps(parsed.id)
-        if key in seen:
-            problems.append(f"line {number}: duplicate id {parsed.id!r} (also line {seen[key]})")
-            continue
-        seen[key] = number
-        inputs.append(parsed)
-    if problems:
-        raise RouteInputError(str(path), problems)
-    return inputs
+
+    def parse(obj: dict[str, Any], number: int) -> RouteInput | str:
+        parsed = parse_line(obj, number)
+        if isinstance(parsed, RouteInput):
+            key = json.dumps(parsed.id)
+            if key in seen:
+                return f"duplicate id {parsed.id!r} (also line {seen[key]})"
+            seen[key] = number
+        return parsed
+
+    try:
+        return read_jsonl(path, parse, consequence="nothing was routed")
+    except BadLines as exc:
+        raise RouteInputError(str(path), exc.problems, "nothing was routed") from None
 
 
 def record(id: Any, decision: RoutingDecision, latency_ms: float) -> dict[str, Any]:
