@@ -198,6 +198,7 @@ class Members:
         self.d, self.n_cls, self.groups, self.n_fine = d, n_cls, groups, n_fine
         self.tfidf = Tfidf.fit(d.texts)
         self._sparse: Any = None
+        self._index: Any = None
 
     def linear(self, lam: float) -> Linear:
         target, n_out = (self.d.fine, self.n_fine) if self.d.fine is not None else (self.d.y, self.n_cls)
@@ -205,7 +206,9 @@ class Members:
         return Linear(W, b, self.groups)
 
     def knn(self, k: int) -> Knn:
-        return Knn(faiss_index(self.d.X), self.d.y, k, self.n_cls)
+        if self._index is None:  # one index serves every k tried
+            self._index = faiss_index(self.d.X)
+        return Knn(self._index, self.d.y, k, self.n_cls)
 
     def lexical(self, lam: float) -> LexicalLinear:
         if self._sparse is None:

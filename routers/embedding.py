@@ -93,9 +93,6 @@ class Level1:
             out.append(Level1Result(row, X[i]))
         return out
 
-    def vectors(self, texts: Sequence[str]) -> Matrix:
-        return self.embedder.encode(texts)
-
 
 def _mean_log_probs(a: Matrix, b: Matrix) -> Matrix:
     """Geometric mean of two distributions, renormalised: a confident one outvotes a flat one."""
@@ -141,6 +138,3 @@ class Sessions:
             self._entries.move_to_end(key)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._entries)
