@@ -249,7 +249,36 @@ class RouterConfig(Strict):
 
 
 class PipelineConfig(Strict):
-    """Composition settings (owned by the composition pipeline)."""
+    """How ``model="coe"`` composes its recruits' answers (``coe.pipeline``, ``coe.aggregate``)."""
+
+    strategy: str = Field("synthesize", description="a name in coe.aggregate.AGGREGATORS: synthesize, vote, best")
+    quorum: float = Field(
+        1.0, gt=0, le=1, description="aggregate once this share of the called experts answered (rounded up)")
+    expert_deadline_s: float = Field(
+        60.0, gt=0, description="a fan-out round waits this long at most; slower experts are skipped and recorded")
+    deadline_s: float = Field(
+        180.0, gt=0, description="no new escalation round starts after this long into the request")
+    consensus_similarity: float | None = Field(
+        0.92, ge=-1, le=1, description="answers at least this similar (MiniLM cosine) count as agreeing; "
+        "null: only identical normalised answers agree")
+    escalate_below: float = Field(
+        0.5, ge=0, le=1, description="escalate when the largest agreeing share of the called experts is below this")
+    max_rounds: int = Field(2, ge=1, le=5, description="fan-out rounds at most (1: never escalate)")
+    escalate_k: int = Field(1, ge=1, le=8, description="experts added per escalation round")
+    max_k: int = Field(8, ge=1, le=32, description="largest k a request may ask for")
+    context_tokens: int | None = Field(
+        None, ge=256, description="the aggregator's context length; default: max_model_len from its server")
+    aggregator_max_tokens: int = Field(
+        512, ge=1, description="room kept for the aggregator's reply when the request sets no max_tokens")
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        from coe.aggregate import AGGREGATORS  # the explicit registry; imported late to avoid a cycle
+
+        if value not in AGGREGATORS:
+            raise ValueError(f"unknown strategy {value!r} (known: {', '.join(sorted(AGGREGATORS))})")
+        return value
 
 
 class RagConfig(Strict):

@@ -35,6 +35,14 @@ class Metrics:
         self.backend_up = Gauge("coe_backend_up", "1 when the backend is healthy", ["backend"], registry=r)
         self.registry_reloads = Counter("coe_registry_reloads_total", "Registry file reloads by result",
                                         ["result"], registry=r)
+        self.consensus_skips = Counter("coe_consensus_skips_total",
+                                       "Aggregator calls skipped because the experts agreed", registry=r)
+        self.escalations = Counter("coe_escalations_total", "Escalation rounds (experts disagreed)", registry=r)
+        self.pipeline_late = Counter("coe_pipeline_late_experts_total",
+                                     "Expert calls cancelled at the quorum or the round's deadline",
+                                     ["expert"], registry=r)
+        self.retrievals = Counter("coe_retrievals_total", "Retrieval gate decisions by outcome (retrieved, skipped)",
+                                  ["outcome"], registry=r)
         self.experts_registered = Gauge("coe_experts", "Experts in the registry by source", ["source"], registry=r)
 
     def record_usage(self, expert: str, usage: dict[str, int] | None, cost: float | None) -> None:

@@ -43,17 +43,50 @@ class Agreement:
         return self.share == 1.0
 
 
-def agreement(answers: Sequence[str], choices: Sequence[str] = ()) -> Agreement:
-    """Majority vote over answer keys; ties go to the answer given first (the higher-ranked expert).
-    ``share`` is the reliability signal: 1.0 when all agree, 1/n when all differ."""
+Similar = Callable[[Sequence[str]], Sequence[Sequence[float]]]
+"""Pairwise similarity of texts (e.g. MiniLM cosines): the matrix for the texts given."""
+
+
+def agreement(answers: Sequence[str], choices: Sequence[str] = (), *, similar: Similar | None = None,
+              threshold: float = 1.0) -> Agreement:
+    """Majority vote over answers; ties go to the answer given first (the higher-ranked expert).
+
+    Two answers agree when their keys are equal, or (with ``similar``) when their texts are at least
+    ``threshold`` similar. Each answer joins the first group whose first answer it agrees with.
+    ``share`` is the reliability signal: 1.0 when all agree, 1/n when all differ.
+    """
     if not answers:
         raise ValueError("agreement() needs at least one answer")
     keys = [answer_key(a, choices) for a in answers]
-    counts = Counter(keys)
+    sims = similar([strip_think(a) for a in answers]) if similar is not None and len(answers) > 1 else None
+    leaders: list[int] = []
+    group = [0] * len(keys)
+    for i, key in enumerate(keys):
+        for leader in leaders:
+            if keys[leader] == key or (sims is not None and sims[leader][i] >= threshold):
+                group[i] = leader
+                break
+        else:
+            leaders.append(i)
+            group[i] = i
+    counts = Counter(keys[g] for g in group)
     best = max(counts.values())
-    key = next(k for k in keys if counts[k] == best)  # first in rank order among the most common
-    holders = tuple(i for i, k in enumerate(keys) if k == key)
-    return Agreement(key, holders, best / len(keys), dict(counts))
+    leader = next(g for g in group if counts[keys[g]] == best)  # first in rank order among the largest
+    holders = tuple(i for i, g in enumerate(group) if g == leader)
+    return Agreement(keys[leader], holders, best / len(keys), dict(counts))
+
+
+_CHOICE_LINE = re.compile(r"^\s*\(?([A-J])[.):]\s+(\S.*)$", re.MULTILINE)
+
+
+def choices_in(question: str) -> list[str]:
+    """The lettered choices a multiple-choice question lists ("A. ...", "B) ..."), in order from A;
+    empty when the question lists fewer than two."""
+    found: list[str] = []
+    for letter, text in _CHOICE_LINE.findall(question):
+        if ord(letter) - ord("A") == len(found):
+            found.append(text.strip())
+    return found if len(found) >= 2 else []
 
 
 @dataclass(frozen=True)

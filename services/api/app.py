@@ -23,6 +23,7 @@ from coe.dispatch import Dispatcher
 from coe.loader import load_registry
 from coe.logs import request_id_var
 from coe.metrics import Metrics
+from coe.pipeline import Pipeline
 from coe.registry import Registry, RegistryManager
 from coe.store import open_store
 from coe.store.base import StateStore
@@ -42,6 +43,7 @@ class AppState:
     pool: BackendPool
     dispatcher: Dispatcher
     registry: RegistryManager
+    pipeline: Pipeline
     keys: AuthKeys = field(default_factory=lambda: AuthKeys(None, None))
     in_flight: int = 0
     draining: bool = False
@@ -122,7 +124,7 @@ def create_app(
 
         manager = RegistryManager(config_path, state_store, dispatcher, metrics,
                                   poll_interval_s=poll_interval_s, on_reload=on_reload)
-        state = AppState(config_path, metrics, state_store, pool, dispatcher, manager)
+        state = AppState(config_path, metrics, state_store, pool, dispatcher, manager, Pipeline(dispatcher))
         state.idle.set()
         app.state.coe = state
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ChatMessage(BaseModel):
@@ -28,11 +28,34 @@ class StreamOptions(BaseModel):
 
 
 class CoeOptions(BaseModel):
-    """Per-request routing control (``extra_body={"coe": {...}}``)."""
+    """Per-request composition control (``extra_body={"coe": {...}}``), for ``model="coe"`` only."""
 
     model_config = ConfigDict(extra="forbid")
 
-    experts: list[str] | None = Field(None, min_length=1, description="candidate experts, in order")
+    k: int | None = Field(None, ge=1, le=32, description="experts asked in the first round (at most pipeline.max_k)")
+    experts: list[str] | None = Field(None, min_length=1, description="the experts to ask, best first")
+    strategy: str | None = Field(None, description="aggregation: synthesize, vote or best")
+    rag: bool | None = Field(None, description="true: always retrieve; false: never; unset: the gate decides")
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str | None) -> str | None:
+        from coe.aggregate import AGGREGATORS
+
+        if value is not None and value not in AGGREGATORS:
+            raise ValueError(f"unknown strategy {value!r} (known: {', '.join(sorted(AGGREGATORS))})")
+        return value
+
+    @model_validator(mode="after")
+    def _k_fits_experts(self) -> CoeOptions:
+        if self.k is not None and self.experts is not None and self.k > len(self.experts):
+            raise ValueError(f"k ({self.k}) exceeds the {len(self.experts)} experts listed")
+        return self
+
+
+ROUTED_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logprobs",
+                      "top_logprobs")
+"""Parameters a composed answer cannot honour: several experts' tool calls or logprobs do not combine."""
 
 
 class ChatCompletionRequest(BaseModel):
@@ -58,6 +81,14 @@ class ChatCompletionRequest(BaseModel):
     response_format: dict[str, Any] | None = None
     user: str | None = None
     coe: CoeOptions | None = None
+
+    def routed_unsupported(self) -> list[str]:
+        """The parameters set in this request that ``model="coe"`` cannot honour."""
+        given = self.model_dump(exclude_unset=True)
+        bad = [p for p in ROUTED_UNSUPPORTED if given.get(p) not in (None, False, [], "none")]
+        if self.n is not None and self.n > 1:
+            bad.insert(0, "n")
+        return bad
 
     def upstream(self) -> dict[str, Any]:
         """The body as the client sent it (minus coe's own options), for the expert's server."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -23,8 +23,8 @@ from fastapi.responses import Response, StreamingResponse
 from coe import usage as usage_mod
 from coe.config import ROUTED_MODEL, ExpertConfig
 from coe.dispatch import ExpertCall, OpenedStream
-from coe.errors import BackendUnavailable, CoeError, InvalidRequest, ModelNotFound
-from routers.base import ExpertChoice, RouteRequest, RoutingDecision
+from coe.errors import CoeError, InvalidRequest, ModelNotFound
+from routers.base import ExpertChoice, RoutingDecision
 from services.api.app import AppState, state_of
 from services.api.chat.protocol import ChatCompletionRequest
 
@@ -70,62 +70,53 @@ def coe_field(decision: RoutingDecision, calls: list[ExpertCall], request_id: st
     }
 
 
-async def _candidates(state: AppState, body: ChatCompletionRequest, request: Request,
-                      request_id: str) -> tuple[list[ExpertConfig], RoutingDecision, str]:
-    registry = state.registry.current
-    if body.model != ROUTED_MODEL:
-        expert = registry.expert(body.model)
-        if expert is None:
-            raise ModelNotFound(f"The model '{body.model}' does not exist: use 'coe' or an expert from /v1/models",
-                                param="model")
-        decision = RoutingDecision(router="direct", experts=[ExpertChoice(name=expert.name, score=1.0)],
-                                   confidence=1.0, reason="the request named this expert")
-        return [expert], decision, "direct"
-    if body.coe is not None and body.coe.experts:
-        unknown = [n for n in body.coe.experts if registry.expert(n) is None]
-        if unknown:
-            raise InvalidRequest(f"unknown experts: {', '.join(unknown)}", param="coe.experts")
-        chosen = [ExpertChoice(name=n, score=1.0) for n in body.coe.experts]
-        decision = RoutingDecision(router="request", experts=chosen, reason="the request listed its experts")
-    else:
-        session = body.user or request.headers.get("x-coe-session")
-        route_request = RouteRequest(messages=[m.model_dump(exclude_unset=True) for m in body.messages],
-                                     session=session, request_id=request_id)
-        decision = await registry.router.route(route_request, list(registry.experts.values()))
-    names = decision.names()  # then the router's next-best candidates, as fallbacks when these are down
-    names += [c.name for c in decision.candidates if c.name not in names][: registry.config.router.fallbacks]
-    experts = [e for e in (registry.expert(n) for n in names) if e is not None]
-    if not experts:
-        raise BackendUnavailable("the router chose no available expert", retry_after=5)
-    return experts, decision, "routed"
+def _direct(state: AppState, body: ChatCompletionRequest) -> tuple[ExpertConfig, RoutingDecision]:
+    expert = state.registry.current.expert(body.model)
+    if expert is None:
+        raise ModelNotFound(f"The model '{body.model}' does not exist: use 'coe' or an expert from /v1/models",
+                            param="model")
+    if body.coe is not None:
+        raise InvalidRequest("the 'coe' options apply to model='coe' only; this request names one expert",
+                             param="coe")
+    decision = RoutingDecision(router="direct", experts=[ExpertChoice(name=expert.name, score=1.0)],
+                               confidence=1.0, reason="the request named this expert")
+    return expert, decision
 
 
 async def create(request: Request, body: ChatCompletionRequest) -> Response:
+    """``model`` = an expert: that expert answers, bypassing the pipeline; ``model="coe"``: the pipeline."""
+    if body.model == ROUTED_MODEL:
+        from services.api.chat import composed
+
+        return await composed.create(request, body)
     state = state_of(request.app)
     request_id: str = request.state.request_id
     started = time.perf_counter()
-    route = "direct" if body.model != ROUTED_MODEL else "routed"
     state.enter()
     state.metrics.in_flight.inc()
     streaming = False
     status = 500
     answered = ""
     try:
-        experts, decision, route = await _candidates(state, body, request, request_id)
+        expert, decision = _direct(state, body)
         upstream = body.upstream()
         if body.stream:
             opened = await until_disconnect(
-                request, state.dispatcher.open_stream(experts, upstream, request_id=request_id))
+                request, state.dispatcher.open_stream([expert], upstream, request_id=request_id))
             streaming = True
             status = 200
             client_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            def finish(call: ExpertCall) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                return coe_field(decision, [call], request_id), None  # the server's own usage, as sent
+
             return StreamingResponse(
-                _sse(state, opened, decision, request_id, client_usage, route, started),
+                sse(state, opened, finish, client_usage, "direct", started),
                 media_type="text/event-stream",
                 headers={"x-coe-experts": opened.expert.name, "cache-control": "no-cache"},
             )
         result, expert, call = await until_disconnect(
-            request, state.dispatcher.chat(experts, upstream, request_id=request_id))
+            request, state.dispatcher.chat([expert], upstream, request_id=request_id))
         result["model"] = expert.name
         result["coe"] = coe_field(decision, [call], request_id)
         status = 200
@@ -141,10 +132,10 @@ async def create(request: Request, body: ChatCompletionRequest) -> Response:
         raise
     finally:
         if not streaming:
-            _done(state, route, status, started, stream=False, expert=answered)
+            done(state, "direct", status, started, stream=False, expert=answered)
 
 
-def _done(state: AppState, route: str, status: int, started: float, *, stream: bool, expert: str) -> None:
+def done(state: AppState, route: str, status: int, started: float, *, stream: bool, expert: str) -> None:
     """Count the request and write its one access-log line (the request id is on it via coe.logs)."""
     elapsed = time.perf_counter() - started
     state.metrics.requests.labels(route, str(status)).inc()
@@ -155,12 +146,17 @@ def _done(state: AppState, route: str, status: int, started: float, *, stream: b
     state.leave()
 
 
-def _event(obj: dict[str, Any]) -> bytes:
+def event(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-async def _sse(state: AppState, opened: OpenedStream, decision: RoutingDecision, request_id: str,
-               client_usage: bool, route: str, started: float) -> AsyncIterator[bytes]:
+Finish = Callable[[ExpertCall], tuple[dict[str, Any], "dict[str, Any] | None"]]
+"""Given the streamed call (usage known): the ``coe`` field, and the usage the client is told
+(None: the server's own)."""
+
+
+async def sse(state: AppState, opened: OpenedStream, finish: Finish, client_usage: bool, route: str,
+              started: float) -> AsyncIterator[bytes]:
     name = opened.expert.name
     held: list[dict[str, Any]] = []
     usage: dict[str, Any] | None = None
@@ -183,19 +179,20 @@ async def _sse(state: AppState, opened: OpenedStream, decision: RoutingDecision,
             if any(c.get("finish_reason") for c in chunk["choices"]):
                 held.append(chunk)
                 continue
-            yield _event(chunk)
+            yield event(chunk)
         call = opened.finish(usage, state.metrics)
-        trace = coe_field(decision, [call], request_id)
+        trace, total = finish(call)
+        usage = usage if total is None else total
         for chunk in held[:-1]:
-            yield _event(chunk)
+            yield event(chunk)
         if client_usage or not held:
             if held:
-                yield _event(held[-1])
-            yield _event({"id": last.get("id", f"chatcmpl-{request_id}"), "object": "chat.completion.chunk",
+                yield event(held[-1])
+            yield event({"id": last.get("id", f"chatcmpl-{opened.call.name}"), "object": "chat.completion.chunk",
                           "created": last.get("created", int(time.time())), "model": name, "choices": [],
                           "usage": usage if client_usage else None, "coe": trace})
         else:
-            yield _event({**held[-1], "coe": trace})
+            yield event({**held[-1], "coe": trace})
         yield b"data: [DONE]\n\n"
     except asyncio.CancelledError:
         status = 499
@@ -204,12 +201,12 @@ async def _sse(state: AppState, opened: OpenedStream, decision: RoutingDecision,
     except CoeError as exc:
         status = exc.status if exc.status >= 500 else 502
         log.warning("stream from %s failed after it began: %s", name, exc.message)
-        yield _event(exc.to_openai())
+        yield event(exc.to_openai())
     except Exception:
         status = 500
         log.exception("stream from %s failed after it began", name)
-        yield _event({"error": {"message": "internal error while streaming; see the server log",
+        yield event({"error": {"message": "internal error while streaming; see the server log",
                                 "type": "internal_error", "param": None, "code": None}})
     finally:
         await opened.aclose()
-        _done(state, route, status, started, stream=True, expert=name)
+        done(state, route, status, started, stream=True, expert=name)

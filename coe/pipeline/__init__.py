@@ -1,0 +1,79 @@
+"""The composition pipeline: one LangGraph graph turns a ``model="coe"`` request into one answer.
+
+``Pipeline`` is built once per server (the graph is compiled in its constructor)
+and run per request with a ``Context``. The final state holds every step: the
+routing decision, retrieved passages, each expert's answer and call, the
+agreement, the final plan and (unless the final stage streams) the response.
+See ``coe.pipeline.graph`` for the shape and ``coe.pipeline.response`` for what
+the client sees.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from coe.config import ExpertConfig
+from coe.dispatch import Dispatcher
+from coe.pipeline.graph import build_graph
+from coe.pipeline.state import CallRecord, Context, Options, State
+from coe.rag.gate import GateDecision
+from coe.rag.live import LiveGate
+from coe.registry import Registry
+
+log = logging.getLogger("coe.pipeline")
+
+DEFAULT_CONTEXT_TOKENS = 4096
+"""Assumed when neither pipeline.context_tokens nor the server's max_model_len is known."""
+
+
+class Pipeline:
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.graph = build_graph()
+        self.gate = LiveGate()
+        self._context: dict[tuple[str, str], int] = {}
+
+    async def run(self, ctx: Context) -> State:
+        state: State = await self.graph.ainvoke({}, context=ctx, config={"recursion_limit": 64})
+        return state
+
+    def context(self, registry: Registry, **kwargs: Any) -> Context:
+        """A run context wired to this pipeline's retrieval, similarity and context-length lookups,
+        all reading the request's own registry snapshot."""
+        config = registry.config
+
+        async def retrieve(query: str, category: str | None, force: bool | None) -> GateDecision:
+            return await self.gate.decide(config.rag, query, category, force)
+
+        async def context_tokens(expert: ExpertConfig) -> int:
+            return config.pipeline.context_tokens or await self.max_model_len(expert)
+
+        return Context(registry=registry, dispatcher=self.dispatcher, retrieve=retrieve, similar=similar,
+                       context_tokens=context_tokens, **kwargs)
+
+    async def max_model_len(self, expert: ExpertConfig) -> int:
+        """The expert's context length as its server reports it (cached per backend and model)."""
+        key = (expert.backend, expert.model)
+        if key not in self._context:
+            try:
+                models = await self.dispatcher.pool.get(expert.backend).api.list_models()
+            except Exception as exc:  # a down server: assume the default this once, ask again next time
+                log.warning("cannot read max_model_len of %s from %s: %s", expert.model, expert.backend, exc)
+                return DEFAULT_CONTEXT_TOKENS
+            lengths = {m.get("id"): m.get("max_model_len") for m in models}
+            value = lengths.get(expert.upstream_model) or lengths.get(expert.model)
+            self._context[key] = int(value) if value else DEFAULT_CONTEXT_TOKENS
+        return self._context[key]
+
+
+def similar(texts: Sequence[str]) -> list[list[float]]:
+    """Cosine similarities of the texts under the packaged MiniLM (for the consensus check)."""
+    from coe.embed import shared_embedder
+
+    vectors = shared_embedder().encode(list(texts))
+    return [[float(x) for x in row] for row in vectors @ vectors.T]
+
+
+__all__ = ["CallRecord", "Context", "Options", "Pipeline", "State", "similar"]

@@ -1,0 +1,100 @@
+"""What a client sees of a pipeline run: the completion, its summed ``usage``, and the ``coe`` field.
+
+``coe`` carries the routing decision, every call made (role, round, outcome,
+usage, cost, latency), the step-by-step ``trace``, the agreement and, when
+retrieval ran, the ``citations``. ``usage`` is the sum over every call, so a
+client billing by it pays for what the request really used.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from coe import usage as usage_mod
+from coe.aggregate import FinalCall
+from coe.pipeline.state import CallRecord, State
+
+log = logging.getLogger("coe.pipeline")
+
+
+def calls_of(state: State, extra: Sequence[CallRecord] = ()) -> list[CallRecord]:
+    return [*state.get("calls", []), *extra]
+
+
+def citations(state: State) -> list[dict[str, Any]]:
+    return [{"id": p.id, "source": p.source, "score": p.score, "text": p.text} for p in state.get("passages", [])]
+
+
+def coe_field(state: State, request_id: str, extra: Sequence[CallRecord] = ()) -> dict[str, Any]:
+    calls = calls_of(state, extra)
+    done = [c for c in calls if c.usage is not None or c.outcome == "ok"]
+    final = state.get("final")
+    out: dict[str, Any] = {
+        "request_id": request_id,
+        "decision": state["decision"].model_dump(mode="json"),
+        "experts": [c.to_json() for c in calls],
+        "usage": usage_mod.add(c.usage for c in calls),
+        "cost": usage_mod.total_cost(c.cost for c in done),
+        "rounds": state.get("round", 0),
+        "answered_by": state.get("answered_by"),
+        "trace": state.get("trace", []),
+    }
+    if "reliability" in state:
+        out["reliability"] = state["reliability"]
+    if final is not None:
+        out["aggregator_called"] = isinstance(final, FinalCall) and bool(state.get("answers"))
+    if state.get("rag") is not None and state.get("passages"):
+        out["citations"] = citations(state)
+    return out
+
+
+def answered(calls: Sequence[CallRecord]) -> str:
+    """The ``x-coe-experts`` header: every expert that answered, in call order."""
+    return ",".join(dict.fromkeys(c.name for c in calls if c.outcome == "ok"))
+
+
+def completion(state: State, request_id: str) -> dict[str, Any]:
+    """The non-streaming response body."""
+    response = dict(state["response"])
+    response["model"] = state.get("answered_by") or response.get("model")
+    response["usage"] = usage_mod.add(c.usage for c in state.get("calls", []))
+    response["coe"] = coe_field(state, request_id)
+    return response
+
+
+def text_chunks(state: State, request_id: str, client_usage: bool) -> Iterator[dict[str, Any]]:
+    """A final answer that is already text (a vote, a consensus, the best answer) as OpenAI chunks:
+    the role, the content, the finish; the ``coe`` field rides on the last chunk."""
+    response = state["response"]
+    choice = (response.get("choices") or [{}])[0]
+    base = {"id": response.get("id", f"chatcmpl-{request_id}"), "object": "chat.completion.chunk",
+            "created": response.get("created", int(time.time())), "model": state.get("answered_by")}
+    content = str((choice.get("message") or {}).get("content") or "")
+    yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    if content:
+        yield {**base, "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]}
+    finish = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": choice.get("finish_reason") or "stop"}]}
+    trace = coe_field(state, request_id)
+    if client_usage:
+        yield finish
+        yield {**base, "choices": [], "usage": trace["usage"], "coe": trace}
+    else:
+        yield {**finish, "coe": trace}
+
+
+def log_run(state: State, request_id: str, extra: Sequence[CallRecord] = ()) -> None:
+    """One INFO line per composed request; the whole trace at DEBUG."""
+    decision = state.get("decision")
+    calls = calls_of(state, extra)
+    steps = {s["step"]: s for s in state.get("trace", [])}
+    rag = steps.get("retrieve", {})
+    agg = steps.get("aggregate", {})
+    log.info("pipeline %s: category=%s experts=%s rounds=%d rag=%s strategy=%s%s answered_by=%s",
+             request_id, decision.category if decision else None, answered(calls) or "-", state.get("round", 0),
+             rag.get("retrieved", "off"), agg.get("strategy", "single"),
+             " consensus-skip" if agg.get("consensus") and not agg.get("aggregator_called") else "",
+             state.get("answered_by"))
+    log.debug("pipeline %s trace: %s", request_id, state.get("trace"))
