@@ -538,7 +538,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
         targets = {
             "direct": Target("direct", f"{upstream_url}/chat/completions", *bodies(model)),
-            "coe": Target("coe", f"http://127.0.0.1:{coe_port}/v1/chat/completions", *bodies("e1")),
+            "coe": Target("coe", f"http://127.0.0.1:{coe_port}/v1/chat/completions", *bodies(args.coe_model)),
         }
         max_conc = max(args.concurrency)
         limits = httpx.Limits(max_connections=4 * max_conc, max_keepalive_connections=4 * max_conc)
@@ -648,6 +648,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "busy_cores": "from /proc/stat over the cell; 'ours' = bench + coe + stub (or --upstream-pid's process "
                           "tree), 'other' = the rest of the machine (a URL upstream without --upstream-pid too)",
             "coe_command": shlex.join(coe_cmd),
+            "coe_model": args.coe_model,
         },
         "targets": {"median_added_ms": TARGET_MEDIAN_MS, "p99_added_ms": TARGET_P99_MS,
                     "applies_to": "stub upstream", "all_met": all_met},
@@ -676,7 +677,8 @@ def finish(args: argparse.Namespace, result: dict[str, Any]) -> int:
             result["profile"]["coe_cpu_ms_per_request"] = coe_cpu_ms
         else:
             print(f"no profile written to {prof_path}", file=sys.stderr)
-    out = Path(args.out) if args.out else RESULTS / f"overhead-{label}-{info['started_utc']}.json"
+    path = "-pipeline" if args.coe_model == "coe" else ""
+    out = Path(args.out) if args.out else RESULTS / f"overhead-{label}{path}-{info['started_utc']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\ncoe overhead vs. {label} upstream ({upstream_info['url']}, model {model!r}); "
@@ -706,6 +708,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", nargs="+", default=["nonstream", "stream"], choices=["nonstream", "stream"])
     p.add_argument("--block", type=int, default=4, help="requests per worker per block at concurrency > 1")
     p.add_argument("--warmup", type=int, default=200, help="warm-up requests per path at the highest concurrency")
+    p.add_argument("--coe-model", default="e1", choices=["e1", "coe"],
+                   help="coe's path: e1 = the direct-expert path; coe = the composition pipeline (k = 1: the "
+                   "LangGraph graph, the router and the gate's no-index check, then the one expert)")
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--max-errors", type=int, default=0, help="failed requests tolerated per cell")

@@ -26,7 +26,10 @@ class RoutingDecision(BaseModel):
     """Which experts should answer, best first, and why."""
 
     router: str
-    experts: list[ExpertChoice] = Field(description="chosen experts, best first; later ones are fallbacks")
+    experts: list[ExpertChoice] = Field(description="chosen experts, best first")
+    recruit: int | None = Field(
+        None, ge=1, description="how many of ``experts``, from the first, answer together (the composition's k); "
+        "the rest are fallbacks for when those are down. None: all of them")
     category: str | None = None
     confidence: float | None = None
     skills: list[str] = Field(default_factory=list)

@@ -36,6 +36,7 @@ class DefaultRouter(Router):
         return RoutingDecision(
             router=self.name,
             experts=[ExpertChoice(name=n, score=1.0 if i == 0 else 0.0) for i, n in enumerate(chosen)],
+            recruit=1,
             confidence=1.0,
             reason=f"default expert {first!r}",
         )
@@ -59,6 +60,7 @@ class RandomRouter(Router):
         return RoutingDecision(
             router=self.name,
             experts=[ExpertChoice(name=n, score=score) for n in chosen],
+            recruit=1,
             confidence=score,
             reason="uniformly random",
         )

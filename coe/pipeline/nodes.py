@@ -59,7 +59,7 @@ def recruit(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     ranked = [n for n in dict.fromkeys(order) if n in experts]
     if not ranked:
         raise BackendUnavailable("the router chose no available expert", retry_after=5)
-    k = ctx.options.k or len(ctx.options.experts or decision.names()) or 1
+    k = ctx.options.k or len(ctx.options.experts or []) or decision.recruit or len(decision.names()) or 1
     recruits = ranked[:k]
     step = {"step": "recruit", "k": k, "experts": recruits,
             **({"requested_k": ctx.options.k} if ctx.options.k else {})}
@@ -84,9 +84,11 @@ def single(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     """k = 1: the one expert's answer is the final stage (streamed when the client streams)."""
     ctx, decision = runtime.context, state["decision"]
     expert = state["recruits"][0]
-    fallbacks = [c.name for c in decision.candidates if c.name != expert and c.name in ctx.registry.experts]
-    final = FinalCall([expert, *fallbacks[: ctx.registry.config.router.fallbacks]], state["expert_messages"],
-                      f"one expert recruited: {expert} answers directly")
+    spare = decision.names()[1:] if decision.names()[:1] == [expert] else []  # the router's own fallbacks
+    spare += [c.name for c in decision.candidates][: ctx.registry.config.router.fallbacks]
+    fallbacks = [n for n in dict.fromkeys(spare) if n != expert and n in ctx.registry.experts]
+    final = FinalCall([expert, *fallbacks], state["expert_messages"], f"one expert recruited: {expert} answers "
+                      "directly" + (f" (fallbacks: {', '.join(fallbacks)})" if fallbacks else ""))
     return {"final": final, "trace": [{"step": "single", "expert": expert}]}
 
 
