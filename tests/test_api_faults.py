@@ -77,6 +77,20 @@ async def test_disconnect_cancels_streaming_upstream(coe: RunningCoe, stub: tupl
     assert "stream-gone" not in record.completed
 
 
+async def test_disconnect_cancels_every_expert_of_a_composed_request(coe: RunningCoe,
+                                                                    stub: tuple[str, StubRecord]) -> None:
+    """model="coe" fanning out to a fast and a slow expert: the client hangs up during the fan-out,
+    and the slow expert's upstream request is cancelled too (the whole graph run is)."""
+    _, record = stub
+    async with httpx.AsyncClient(timeout=0.8) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(f"{coe.url}/v1/chat/completions",
+                            json={"model": "coe", "messages": MSG, "coe": {"experts": ["fast", "slow"]}},
+                            headers={"x-request-id": "fanout-gone"})
+    await wait_until(lambda: "fanout-gone" in record.cancelled, 5, "the slow expert's upstream saw the cancellation")
+    assert record.completed.count("fanout-gone") == 1  # the fast expert answered; the slow one never finished
+
+
 async def test_failure_after_stream_began_is_an_error_event(coe: RunningCoe) -> None:
     client = coe.client()
     stream = await client.chat.completions.create(model="broken", messages=MSG, stream=True, max_tokens=8)

@@ -82,7 +82,7 @@ async def ask(coe: RunningCoe, **kw: Any) -> Any:
 async def test_k1_is_one_direct_call(coe: RunningCoe, record: RecordingTransport) -> None:
     reply = await ask(coe)
     field = coe_of(reply)
-    assert steps(field) == ["classify", "recruit", "retrieve", "single", "answer"]
+    assert steps(field) == ["classify", "recruit", "single", "answer"]
     assert len(record.chats()) == 1
     direct = await coe.client().chat.completions.create(model="tiny-base", messages=MSG, **GREEDY)
     assert reply.choices[0].message.content == direct.choices[0].message.content
@@ -93,7 +93,7 @@ async def test_k1_is_one_direct_call(coe: RunningCoe, record: RecordingTransport
 async def test_k3_synthesize_quotes_every_answer(coe: RunningCoe, record: RecordingTransport) -> None:
     reply = await ask(coe, extra_body={"coe": {"experts": ["tiny-a0", "tiny-a1", "tiny-base"]}})
     field = coe_of(reply)
-    assert steps(field) == ["classify", "recruit", "retrieve", "fanout", "assess", "aggregate", "answer"]
+    assert steps(field) == ["classify", "recruit", "fanout", "assess", "aggregate", "answer"]
     chats = record.chats()
     assert len(chats) == 4  # three experts, then the aggregator
     answers = [text_of(e) for e in chats[:3]]

@@ -87,6 +87,7 @@ async def test_request_forces_the_gate(rag_coe: tuple[RunningCoe, RecordingTrans
     transport.clear()
     off = coe_of(await ask(coe, ANSWERABLE, extra_body={"coe": {"rag": False}}))
     assert "retrieve" not in [s["step"] for s in off["trace"]] and "citations" not in off
+    assert "turned retrieval off" in next(s for s in off["trace"] if s["step"] == "recruit")["retrieval"]
     assert user_prompt(transport.chats()[0].body) == ANSWERABLE
 
 
@@ -95,5 +96,6 @@ async def test_no_index_means_no_retrieval(vllm_server: Any, tmp_path: Path) -> 
     reg["rag"] = {"folder": str(tmp_path / "empty")}
     async with running_coe(write_registry(tmp_path / "experts.yaml", reg)) as coe:
         field = coe_of(await ask(coe, ANSWERABLE))
-    step = next(s for s in field["trace"] if s["step"] == "retrieve")
-    assert step["retrieved"] is False and "coe rag ingest" in step["reason"]
+    assert "retrieve" not in [s["step"] for s in field["trace"]]
+    recruit = next(s for s in field["trace"] if s["step"] == "recruit")
+    assert "coe rag ingest" in recruit["retrieval"]

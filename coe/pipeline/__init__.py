@@ -50,8 +50,9 @@ class Pipeline:
         async def context_tokens(expert: ExpertConfig) -> int:
             return config.pipeline.context_tokens or await self.max_model_len(expert)
 
-        return Context(registry=registry, dispatcher=self.dispatcher, retrieve=retrieve, similar=similar,
-                       context_tokens=context_tokens, **kwargs)
+        folder = config.rag.folder / config.rag.index if config.rag.folder is not None else None
+        return Context(registry=registry, dispatcher=self.dispatcher, retrieve=retrieve, rag_index=folder,
+                       similar=similar, context_tokens=context_tokens, **kwargs)
 
     async def max_model_len(self, expert: ExpertConfig) -> int:
         """The expert's context length as its server reports it (cached per backend and model)."""

@@ -22,10 +22,7 @@ from coe.pipeline.state import Context, State
 
 
 def after_recruit(state: State, runtime: Runtime[Context]) -> str:
-    ctx = runtime.context
-    if ctx.retrieve is not None and ctx.options.rag is not False:
-        return "retrieve"
-    return after_retrieve(state, runtime)
+    return "retrieve" if state["retrieval"] else after_retrieve(state, runtime)
 
 
 def after_retrieve(state: State, runtime: Runtime[Context]) -> str:

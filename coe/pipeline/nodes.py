@@ -47,7 +47,7 @@ async def classify(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     return {"decision": decision, "trace": [step]}
 
 
-def recruit(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
+async def recruit(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     """The k experts of the first round, and the order escalation takes the rest in."""
     ctx, decision = runtime.context, state["decision"]
     experts = ctx.registry.experts
@@ -61,9 +61,24 @@ def recruit(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
         raise BackendUnavailable("the router chose no available expert", retry_after=5)
     k = ctx.options.k or len(ctx.options.experts or []) or decision.recruit or len(decision.names()) or 1
     recruits = ranked[:k]
-    step = {"step": "recruit", "k": k, "experts": recruits,
-            **({"requested_k": ctx.options.k} if ctx.options.k else {})}
-    return {"ranked": ranked, "recruits": recruits, "round": 0, "expert_messages": ctx.messages, "trace": [step]}
+    step: dict[str, Any] = {"step": "recruit", "k": k, "experts": recruits,
+                            **({"requested_k": ctx.options.k} if ctx.options.k else {})}
+    rag_off = _retrieval_off(ctx)
+    if rag_off:
+        step["retrieval"] = rag_off
+    return {"ranked": ranked, "recruits": recruits, "round": 0, "expert_messages": ctx.messages,
+            "retrieval": not rag_off, "trace": [step]}
+
+
+def _retrieval_off(ctx: Context) -> str | None:
+    """Why the retrieve step is skipped for this request, or None when the gate will decide."""
+    if ctx.options.rag is False:
+        return "off: the request turned retrieval off"
+    if ctx.retrieve is None or ctx.rag_index is None:
+        return "off: retrieval is not configured"
+    if not (ctx.rag_index / "meta.json").exists():
+        return f"off: no retrieval index at {ctx.rag_index} (run: coe rag ingest)"
+    return None
 
 
 async def retrieve(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
@@ -80,7 +95,7 @@ async def retrieve(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
             "trace": [step]}
 
 
-def single(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
+async def single(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     """k = 1: the one expert's answer is the final stage (streamed when the client streams)."""
     ctx, decision = runtime.context, state["decision"]
     expert = state["recruits"][0]
@@ -142,7 +157,7 @@ def should_escalate(state: State, ctx: Context) -> str | None:
     return f"reliability {state['reliability']:.2f} < escalate_below {cfg.escalate_below:g}"
 
 
-def escalate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
+async def escalate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     ctx = runtime.context
     picks = escalation_picks(state, ctx)
     ctx.metrics.escalations.inc()

@@ -7,6 +7,7 @@ import operator
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 from coe.aggregate import Agreement, Answer, Final
@@ -49,6 +50,8 @@ class Context:
     session: str | None = None
     stream: bool = False
     retrieve: Retrieve | None = None
+    rag_index: Path | None = None
+    """The retrieval index folder; the retrieve step is skipped while nothing was ingested there."""
     similar: Similar | None = None
     context_tokens: Callable[[ExpertConfig], Awaitable[int]] | None = None
     started: float = field(default_factory=time.perf_counter)
@@ -90,6 +93,8 @@ class State(TypedDict, total=False):
     """The experts the next fan-out round calls."""
     called: Annotated[list[str], operator.add]
     round: int
+    retrieval: bool
+    """Whether the retrieve step runs (an index exists and the request did not turn it off)."""
     rag: GateDecision
     passages: list[Passage]
     expert_messages: list[dict[str, Any]]
