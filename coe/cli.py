@@ -304,6 +304,10 @@ def _parser() -> argparse.ArgumentParser:
     ingest.add_argument("paths", nargs="+", metavar="PATH")
     ingest.add_argument("--index", help="index name (default: rag.index)")
 
+    from coe.batch.command import add_commands as add_batch_commands
+
+    add_batch_commands(sub, command)
+
     models = sub.add_parser("models", help="build local models offline").add_subparsers(
         dest="models_command", required=True, metavar="SUBCOMMAND")
     tiny = command(models.add_parser("build-tiny", help="a tiny random Llama (+ LoRA adapters) for tests"),

@@ -52,6 +52,20 @@ def options(body: ChatCompletionRequest, registry: Registry) -> Options:
                    strategy=opts.strategy, rag=opts.rag)
 
 
+async def run_pipeline(state: AppState, registry: Registry, body: ChatCompletionRequest, request_id: str,
+                       session: str | None) -> tuple[State, dict[str, Any]]:
+    """The graph's run for one request (the final stage left open when it streams), and the sampling
+    parameters every call of it used."""
+    opts = options(body, registry)
+    params = body.upstream()
+    messages = params.pop("messages")
+    for key in ("model", "stream", "stream_options"):
+        params.pop(key, None)
+    ctx = state.pipeline.context(registry, metrics=state.metrics, messages=messages, params=params,
+                                 request_id=request_id, options=opts, session=session, stream=body.stream)
+    return await state.pipeline.run(ctx), params
+
+
 async def create(request: Request, body: ChatCompletionRequest) -> Response:
     state = state_of(request.app)
     request_id: str = request.state.request_id
@@ -63,15 +77,8 @@ async def create(request: Request, body: ChatCompletionRequest) -> Response:
     answered_by = ""
     try:
         registry = state.registry.current
-        opts = options(body, registry)
-        params = body.upstream()
-        messages = params.pop("messages")
-        for key in ("model", "stream", "stream_options"):
-            params.pop(key, None)
-        ctx = state.pipeline.context(
-            registry, metrics=state.metrics, messages=messages, params=params, request_id=request_id, options=opts,
-            session=body.user or request.headers.get("x-coe-session"), stream=body.stream)
-        run: State = await until_disconnect(request, state.pipeline.run(ctx))
+        session = body.user or request.headers.get("x-coe-session")
+        run, params = await until_disconnect(request, run_pipeline(state, registry, body, request_id, session))
         if body.stream:
             client_usage = bool(body.stream_options and body.stream_options.include_usage)
             response = await _stream(request, state, registry, run, params, request_id, client_usage, started)

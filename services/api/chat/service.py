@@ -70,7 +70,7 @@ def coe_field(decision: RoutingDecision, calls: list[ExpertCall], request_id: st
     }
 
 
-def _direct(state: AppState, body: ChatCompletionRequest) -> tuple[ExpertConfig, RoutingDecision]:
+def direct(state: AppState, body: ChatCompletionRequest) -> tuple[ExpertConfig, RoutingDecision]:
     expert = state.registry.current.expert(body.model)
     if expert is None:
         raise ModelNotFound(f"The model '{body.model}' does not exist: use 'coe' or an expert from /v1/models",
@@ -98,7 +98,7 @@ async def create(request: Request, body: ChatCompletionRequest) -> Response:
     status = 500
     answered = ""
     try:
-        expert, decision = _direct(state, body)
+        expert, decision = direct(state, body)
         upstream = body.upstream()
         if body.stream:
             opened = await until_disconnect(

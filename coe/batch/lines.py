@@ -1,0 +1,84 @@
+"""OpenAI batch lines: the input a batch accepts and the output and error lines it writes.
+
+Input, one JSON object per line: ``{"custom_id", "method": "POST", "url":
+"/v1/chat/completions", "body"}``, where ``body.model`` is an expert or ``coe``.
+The whole input is checked before anything runs; every bad line is reported
+with its number. Output lines follow OpenAI's shape: ``{"id", "custom_id",
+"response": {"status_code", "request_id", "body"}, "error"}``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coe.jsonl import BadLines, read_jsonl
+
+CHAT_URL = "/v1/chat/completions"
+MAX_CUSTOM_ID = 512
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    custom_id: str
+    body: dict[str, Any]
+    line: int
+
+    @property
+    def model(self) -> str:
+        return str(self.body.get("model", ""))
+
+
+BodyCheck = Callable[[dict[str, Any]], str | None]
+"""Returns why a request body is invalid (e.g. the chat protocol's own validation), or None."""
+
+
+def parse_item(obj: dict[str, Any], line: int, models: Collection[str], check: BodyCheck | None) -> BatchItem | str:
+    """One input line as an item, or why it is bad."""
+    custom_id = obj.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id or len(custom_id) > MAX_CUSTOM_ID:
+        return f"custom_id must be a non-empty string of at most {MAX_CUSTOM_ID} characters"
+    if obj.get("method", "POST") != "POST":
+        return f"method must be POST, not {obj.get('method')!r}"
+    if obj.get("url") != CHAT_URL:
+        return f"url must be {CHAT_URL!r}, not {obj.get('url')!r}"
+    extra = sorted(set(obj) - {"custom_id", "method", "url", "body"})
+    if extra:
+        return f"unknown key(s): {', '.join(extra)}"
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        return "body must be a JSON object (the chat completion request)"
+    model = body.get("model")
+    if not isinstance(model, str) or model not in models:
+        return f"body.model {model!r} is neither 'coe' nor an expert of this registry"
+    if body.get("stream"):
+        return "body.stream must be false in a batch"
+    problem = check(body) if check is not None else None
+    return f"body: {problem}" if problem else BatchItem(custom_id, body, line)
+
+
+def read_batch(path: Path, models: Collection[str], check: BodyCheck | None = None) -> list[BatchItem]:
+    """Every item of a batch input file; ``BadLines`` (every bad line, nothing run) otherwise."""
+    seen: dict[str, int] = {}
+
+    def parse(obj: dict[str, Any], line: int) -> BatchItem | str:
+        item = parse_item(obj, line, models, check)
+        if isinstance(item, BatchItem):
+            if item.custom_id in seen:
+                return f"custom_id {item.custom_id!r} repeats line {seen[item.custom_id]}"
+            seen[item.custom_id] = line
+        return item
+
+    items = read_jsonl(path, parse, consequence="the batch was not started")
+    if not items:
+        raise BadLines(str(path), ["the input holds no requests"], "the batch was not started")
+    return items
+
+
+def output_line(custom_id: str, request_id: str, status: int, body: dict[str, Any],
+                error: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": request_id, "body": body}, "error": error}

@@ -1,0 +1,126 @@
+"""Running a batch in one process, resumably.
+
+Contract:
+- Results are appended to the output file (2xx) or the error file (anything
+  else), one line per item, flushed and fsynced as each item finishes.
+- Re-running the same input with the same files resumes: items whose
+  ``custom_id`` already has a line in either file are not run again. A line torn
+  by a crash (no final newline) is cut off first, and its item runs again.
+- Items run grouped by ``body.model``, so one expert's requests are together
+  (vLLM keeps its adapter busy; a managed model loads once), ``concurrency`` at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from coe.batch.lines import BatchItem, output_line
+
+Execute = Callable[[BatchItem, str], Awaitable[tuple[int, dict[str, Any]]]]
+"""(item, request id) -> (HTTP status, response body); failures are statuses, never exceptions."""
+
+
+@dataclass
+class Progress:
+    total: int
+    resumed: int
+    completed: int = 0
+    failed: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def done(self) -> int:
+        return self.resumed + self.completed + self.failed
+
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self.started
+        return (self.completed + self.failed) / elapsed if elapsed > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"total": self.total, "resumed": self.resumed, "completed": self.completed, "failed": self.failed,
+                "seconds": round(time.perf_counter() - self.started, 3)}
+
+
+def finished_ids(path: Path) -> set[str]:
+    """The custom_ids with a result line in ``path``; a torn last line (a crash mid-write) is cut off."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with path.open("r+b") as f:
+            f.truncate(keep)
+        data = data[:keep]
+    ids = set()
+    for line in data.splitlines():
+        if line.strip():
+            ids.add(str(json.loads(line)["custom_id"]))
+    return ids
+
+
+class _Appender:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[bytes] = path.open("ab")
+
+    def write(self, obj: dict[str, Any]) -> None:
+        self._file.write(json.dumps(obj, ensure_ascii=False).encode() + b"\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def grouped(items: list[BatchItem]) -> list[BatchItem]:
+    """Items ordered by model, models in order of first appearance, items in input order within one."""
+    first: dict[str, int] = {}
+    for i, item in enumerate(items):
+        first.setdefault(item.model, i)
+    return sorted(items, key=lambda it: first[it.model])
+
+
+async def run_batch(items: list[BatchItem], execute: Execute, *, output: Path, errors: Path, concurrency: int = 8,
+                    on_progress: Callable[[Progress], None] | None = None) -> Progress:
+    done = finished_ids(output) | finished_ids(errors)
+    todo = grouped([i for i in items if i.custom_id not in done])
+    progress = Progress(total=len(items), resumed=len(items) - len(todo))
+    queue: asyncio.Queue[BatchItem] = asyncio.Queue()
+    for item in todo:
+        queue.put_nowait(item)
+    out, err = _Appender(output), _Appender(errors)
+
+    async def worker() -> None:
+        while True:
+            try:
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            request_id = f"batch-{uuid.uuid4().hex[:16]}"
+            status, body = await execute(item, request_id)
+            if 200 <= status < 300:
+                out.write(output_line(item.custom_id, request_id, status, body))
+                progress.completed += 1
+            else:
+                found = body.get("error")
+                error: dict[str, Any] = found if isinstance(found, dict) else {}
+                summary = {"code": error.get("code") or error.get("type"), "message": error.get("message")}
+                err.write(output_line(item.custom_id, request_id, status, body, summary))
+                progress.failed += 1
+            if on_progress is not None:
+                on_progress(progress)
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, len(todo) or 1)))))
+    finally:
+        out.close()
+        err.close()
+    return progress
