@@ -309,8 +309,17 @@ class DispatchConfig(Strict):
 
 
 class StoreConfig(Strict):
+    """Where state and batch jobs live, and how batch workers behave."""
+
     redis_url: str | None = Field(None, description="default: in memory (COE_REDIS_URL overrides)")
     prefix: str = "coe"
+    claim_idle_s: float = Field(
+        30.0, gt=0, le=3600, description="a batch item a worker has held this long without finishing is re-claimed")
+    worker_concurrency: int = Field(8, ge=1, le=1024, description="batch items one worker runs at once")
+    embedded_worker: bool = Field(
+        True, description="the API server also works on batches (needed without Redis; with Redis, "
+        "set false to leave batches to 'coe worker' processes)")
+    max_file_bytes: int = Field(200 * 1024 * 1024, ge=1, description="largest file POST /v1/files accepts")
 
 
 BackendName = Annotated[str, AfterValidator(_check_name)]

@@ -32,9 +32,16 @@ def read_jsonl(path: Path, parse: Callable[[dict[str, Any], int], T | str], *,
     """``parse(object, line number)`` returns the item or why the line is bad. Blank lines are skipped;
     a line that is not a JSON object is bad. Raises ``BadLines`` listing every bad line."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"{path}: cannot read: {exc}") from exc
+    return parse_jsonl(text, str(path), parse, consequence=consequence)
+
+
+def parse_jsonl(text: str, source: str, parse: Callable[[dict[str, Any], int], T | str], *,
+                consequence: str = "nothing was done") -> list[T]:
+    """``read_jsonl`` on text already in memory (an uploaded file); ``source`` names it in errors."""
+    lines = text.splitlines()
     items: list[T] = []
     problems: list[str] = []
     for number, line in enumerate(lines, start=1):
@@ -51,5 +58,5 @@ def read_jsonl(path: Path, parse: Callable[[dict[str, Any], int], T | str], *,
         else:
             items.append(parsed)
     if problems:
-        raise BadLines(str(path), problems, consequence)
+        raise BadLines(source, problems, consequence)
     return items

@@ -137,6 +137,16 @@ async def test_delete(store: StateStore) -> None:
     assert await store.items("experts") == {}
 
 
+async def test_count(store: StateStore) -> None:
+    assert await store.count("ns") == 0
+    for i in range(3):
+        await store.put("ns", f"k{i}", {"i": i})
+    await store.put("other", "k", {})
+    assert await store.count("ns") == 3
+    await store.delete("ns", "k0")
+    assert await store.count("ns") == 2
+
+
 async def test_items(store: StateStore) -> None:
     docs = {f"expert-{i}": {"i": i, "tags": ["t"] * i} for i in range(5)}
     for key, doc in docs.items():

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coe.jsonl import BadLines, read_jsonl
+from coe.errors import InvalidRequest
+from coe.jsonl import BadLines, parse_jsonl
 
 CHAT_URL = "/v1/chat/completions"
 MAX_CUSTOM_ID = 512
@@ -36,7 +37,8 @@ BodyCheck = Callable[[dict[str, Any]], str | None]
 """Returns why a request body is invalid (e.g. the chat protocol's own validation), or None."""
 
 
-def parse_item(obj: dict[str, Any], line: int, models: Collection[str], check: BodyCheck | None) -> BatchItem | str:
+def parse_item(obj: dict[str, Any], line: int, models: Collection[str] | None,
+               check: BodyCheck | None) -> BatchItem | str:
     """One input line as an item, or why it is bad."""
     custom_id = obj.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id or len(custom_id) > MAX_CUSTOM_ID:
@@ -52,7 +54,7 @@ def parse_item(obj: dict[str, Any], line: int, models: Collection[str], check: B
     if not isinstance(body, dict):
         return "body must be a JSON object (the chat completion request)"
     model = body.get("model")
-    if not isinstance(model, str) or model not in models:
+    if not isinstance(model, str) or (models is not None and model not in models):
         return f"body.model {model!r} is neither 'coe' nor an expert of this registry"
     if body.get("stream"):
         return "body.stream must be false in a batch"
@@ -62,6 +64,16 @@ def parse_item(obj: dict[str, Any], line: int, models: Collection[str], check: B
 
 def read_batch(path: Path, models: Collection[str], check: BodyCheck | None = None) -> list[BatchItem]:
     """Every item of a batch input file; ``BadLines`` (every bad line, nothing run) otherwise."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"{path}: cannot read: {exc}") from exc
+    return parse_batch(text, str(path), models, check)
+
+
+def parse_batch(text: str, source: str, models: Collection[str] | None,
+                check: BodyCheck | None = None) -> list[BatchItem]:
+    """``read_batch`` on text in memory (an uploaded input file); ``models`` None accepts any model."""
     seen: dict[str, int] = {}
 
     def parse(obj: dict[str, Any], line: int) -> BatchItem | str:
@@ -72,9 +84,9 @@ def read_batch(path: Path, models: Collection[str], check: BodyCheck | None = No
             seen[item.custom_id] = line
         return item
 
-    items = read_jsonl(path, parse, consequence="the batch was not started")
+    items = parse_jsonl(text, source, parse, consequence="the batch was not started")
     if not items:
-        raise BadLines(str(path), ["the input holds no requests"], "the batch was not started")
+        raise BadLines(source, ["the input holds no requests"], "the batch was not started")
     return items
 
 

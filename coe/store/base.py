@@ -114,6 +114,10 @@ class StateStore(ABC):
         """Every document in ``namespace``, by key (small namespaces: one round trip)."""
 
     @abstractmethod
+    async def count(self, namespace: str) -> int:
+        """How many documents ``namespace`` holds (without reading them)."""
+
+    @abstractmethod
     async def ping(self) -> None:
         """Check the store answers; raises ``StoreError`` when it is unreachable (health checks)."""
 

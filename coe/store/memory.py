@@ -50,6 +50,9 @@ class MemoryStore(StateStore):
         bucket = self._data.get(check_namespace(namespace), {})
         return {key: decode(namespace, key, raw) for key, raw in bucket.items()}
 
+    async def count(self, namespace: str) -> int:
+        return len(self._data.get(check_namespace(namespace), {}))
+
     async def ping(self) -> None:
         return None
 

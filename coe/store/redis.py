@@ -115,6 +115,11 @@ class RedisStore(StateStore):
             out[key] = decode(namespace, key, value)
         return out
 
+    async def count(self, namespace: str) -> int:
+        async with self._errors(f"count {namespace}"):
+            n: int = await self._client.hlen(self._key(check_namespace(namespace)))
+        return n
+
     async def ping(self) -> None:
         async with self._errors("ping"):
             await self._client.ping()

@@ -19,6 +19,11 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from coe.backends.pool import BackendPool, TransportFactory
+from coe.batch.jobs import BatchJobs
+from coe.batch.lines import BatchItem
+from coe.batch.queue import open_queue
+from coe.batch.worker import BatchWorker
+from coe.config import StoreConfig
 from coe.dispatch import Dispatcher
 from coe.loader import load_registry
 from coe.logs import request_id_var
@@ -44,6 +49,7 @@ class AppState:
     dispatcher: Dispatcher
     registry: RegistryManager
     pipeline: Pipeline
+    jobs: BatchJobs | None = None
     keys: AuthKeys = field(default_factory=lambda: AuthKeys(None, None))
     in_flight: int = 0
     draining: bool = False
@@ -116,6 +122,8 @@ def create_app(
         dispatcher = Dispatcher(pool, initial.dispatch, metrics)
         state: AppState | None = None
         overlay_task: asyncio.Task[None] | None = None
+        worker_task: asyncio.Task[None] | None = None
+        worker_stop = asyncio.Event()
 
         def on_reload(snapshot: Registry) -> None:
             keys = resolve_keys(snapshot.config.auth)
@@ -134,6 +142,13 @@ def create_app(
                 log.warning("state store is in memory: experts registered through the API do not survive a "
                             "restart (set store.redis_url or COE_REDIS_URL for durable state)")
             overlay_task = asyncio.create_task(_load_overlay_when_ready(manager, pool))
+            queue = open_queue(initial.store, durable_store=state_store.durable)
+            state.jobs = BatchJobs(state_store, queue, max_file_bytes=initial.store.max_file_bytes)
+            if not queue.durable:
+                log.warning("batch jobs are in memory: accepted batches do not survive a restart "
+                            "(set store.redis_url or COE_REDIS_URL for durable batches)")
+            if initial.store.embedded_worker or not queue.durable:
+                worker_task = asyncio.create_task(_batch_worker(state, initial.store, worker_stop))
             log.info("coe ready to accept requests: %d experts, %d backends", len(registry.experts),
                      len(registry.config.backends))
             yield
@@ -145,6 +160,12 @@ def create_app(
                     await asyncio.wait_for(state.idle.wait(), drain_timeout_s)
             if overlay_task is not None:
                 overlay_task.cancel()
+            worker_stop.set()
+            if worker_task is not None:
+                with contextlib.suppress(Exception):
+                    await worker_task
+            if state.jobs is not None:
+                await state.jobs.queue.close()
             await manager.aclose()
             await pool.aclose()
             await state_store.close()
@@ -158,8 +179,10 @@ def create_app(
         responses=errors.openai_responses(401, 500),
     )
     errors.install(app)
+    from services.api.batches.router import router as batches_router
     from services.api.chat.router import router as chat_router
     from services.api.experts.router import router as experts_router
+    from services.api.files.router import router as files_router
     from services.api.health.router import router as health_router
     from services.api.models.router import router as models_router
     from services.api.route.router import router as route_router
@@ -168,9 +191,28 @@ def create_app(
     app.include_router(models_router)
     app.include_router(experts_router)
     app.include_router(route_router)
+    app.include_router(files_router)
+    app.include_router(batches_router)
     app.include_router(health_router)
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+async def _batch_worker(state: AppState, cfg: StoreConfig, stop: asyncio.Event) -> None:
+    """The API server's own batch worker (the embedded default; optional with Redis)."""
+    from services.api.chat.execute import execute
+
+    assert state.jobs is not None
+
+    async def run(item: BatchItem, request_id: str) -> tuple[int, dict[str, Any]]:
+        return await execute(state, item, request_id)
+
+    worker = BatchWorker(state.jobs, run, concurrency=cfg.worker_concurrency, claim_idle_s=cfg.claim_idle_s,
+                         drain_s=10.0)
+    try:
+        await worker.run(stop)
+    except Exception:
+        log.exception("the embedded batch worker stopped")
 
 
 async def _load_overlay_when_ready(manager: RegistryManager, pool: BackendPool) -> None:

@@ -1,0 +1,240 @@
+"""Files and batch jobs on the state store, in OpenAI's shapes.
+
+Namespaces: ``files`` (metadata), ``file-data`` (content), ``batches``, and per
+batch ``batch-results.<id>`` (one record per item, FIRST WRITE WINS, so an item
+that ran twice is counted and output once) with ``batch-failed.<id>`` and
+``batch-skipped.<id>`` beside it for the live counts. A batch is finalized (its
+output and error files written, status ``completed`` or ``cancelled``) once
+every item has a record; finalizing is deterministic and idempotent, so any
+worker may do it, and doing it twice writes the same files.
+
+Acceptance order, so that a crash never loses an accepted batch: the batch
+record is written (``enqueued: false``), then its queue entries, then
+``enqueued: true``, then the client hears 200. ``recover`` re-enqueues any batch
+left at ``enqueued: false``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Collection
+from typing import Any
+
+from coe.batch.lines import CHAT_URL, BatchItem, BodyCheck, output_line, parse_batch
+from coe.batch.queue import WorkQueue
+from coe.errors import Conflict, InvalidRequest, NotFound
+from coe.store.base import StateStore
+
+FILES, DATA, BATCHES = "files", "file-data", "batches"
+TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
+WINDOW_S = 24 * 3600
+
+
+def _results(bid: str) -> str:
+    return f"batch-results.{bid}"
+
+
+def _failed(bid: str) -> str:
+    return f"batch-failed.{bid}"
+
+
+def _skipped(bid: str) -> str:
+    return f"batch-skipped.{bid}"
+
+
+class BatchJobs:
+    def __init__(self, store: StateStore, queue: WorkQueue, *, max_file_bytes: int = 200 * 1024 * 1024) -> None:
+        self.store = store
+        self.queue = queue
+        self.max_file_bytes = max_file_bytes
+
+    # -- files -------------------------------------------------------------------------
+
+    async def create_file(self, filename: str, purpose: str, content: bytes, *, file_id: str | None = None
+                          ) -> dict[str, Any]:
+        if len(content) > self.max_file_bytes:
+            raise InvalidRequest(f"the file has {len(content)} bytes; the limit is {self.max_file_bytes} "
+                                 "(store.max_file_bytes)", param="file")
+        try:
+            text = content.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidRequest(f"the file is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                                 param="file") from exc
+        fid = file_id or f"file-{uuid.uuid4().hex}"
+        meta: dict[str, Any] = {"id": fid, "object": "file", "bytes": len(content),
+                "created_at": int(time.time()), "filename": filename, "purpose": purpose, "status": "processed"}
+        await self.store.put(DATA, fid, {"text": text})
+        await self.store.put(FILES, fid, meta)
+        return meta
+
+    async def get_file(self, file_id: str) -> dict[str, Any]:
+        meta = await self.store.get(FILES, file_id)
+        if meta is None:
+            raise NotFound(f"no file with id {file_id!r}", param="file_id", code="file_not_found")
+        return meta
+
+    async def file_text(self, file_id: str) -> str:
+        await self.get_file(file_id)
+        data = await self.store.get(DATA, file_id)
+        return str((data or {}).get("text", ""))
+
+    async def delete_file(self, file_id: str) -> dict[str, Any]:
+        await self.get_file(file_id)
+        await self.store.delete(FILES, file_id)
+        await self.store.delete(DATA, file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    async def list_files(self, purpose: str | None = None) -> list[dict[str, Any]]:
+        files = [f for f in (await self.store.items(FILES)).values() if purpose in (None, f.get("purpose"))]
+        return sorted(files, key=lambda f: (-int(f["created_at"]), str(f["id"])))
+
+    # -- batches -----------------------------------------------------------------------
+
+    async def items_of(self, batch: dict[str, Any]) -> list[BatchItem]:
+        """The batch's items, parsed from its input file (checked when the batch was created)."""
+        return parse_batch(await self.file_text(batch["input_file_id"]), batch["input_file_id"], models=None)
+
+    async def create_batch(self, input_file_id: str, endpoint: str, completion_window: str,
+                           metadata: dict[str, str] | None, models: Collection[str], check: BodyCheck | None
+                           ) -> dict[str, Any]:
+        if endpoint != CHAT_URL:
+            raise InvalidRequest(f"endpoint must be {CHAT_URL!r} (the only one coe batches)", param="endpoint")
+        if completion_window != "24h":
+            raise InvalidRequest("completion_window must be '24h'", param="completion_window")
+        meta = await self.get_file(input_file_id)
+        if meta.get("purpose") != "batch":
+            raise InvalidRequest(f"file {input_file_id!r} has purpose {meta.get('purpose')!r}, not 'batch'",
+                                 param="input_file_id")
+        items = parse_batch(await self.file_text(input_file_id), f"file {input_file_id}", models, check)
+        now = int(time.time())
+        batch: dict[str, Any] = {
+            "id": f"batch_{uuid.uuid4().hex}", "object": "batch", "endpoint": endpoint, "errors": None,
+            "input_file_id": input_file_id, "completion_window": completion_window, "status": "in_progress",
+            "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": now,
+            "expires_at": now + WINDOW_S, "finalizing_at": None, "completed_at": None, "failed_at": None,
+            "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+            "request_counts": {"total": len(items), "completed": 0, "failed": 0},
+            "metadata": metadata or None, "enqueued": False,
+        }
+        await self.store.put(BATCHES, batch["id"], batch)
+        await self.queue.push(batch["id"], [i.custom_id for i in items])
+        batch["enqueued"] = True
+        await self.store.put(BATCHES, batch["id"], batch)
+        return await self.get_batch(batch["id"])
+
+    async def _batch(self, batch_id: str) -> dict[str, Any]:
+        batch = await self.store.get(BATCHES, batch_id)
+        if batch is None:
+            raise NotFound(f"no batch with id {batch_id!r}", param="batch_id", code="batch_not_found")
+        return batch
+
+    async def get_batch(self, batch_id: str) -> dict[str, Any]:
+        """The batch as OpenAI shows it, with live request counts."""
+        batch = await self._batch(batch_id)
+        if batch["status"] not in TERMINAL:
+            done = await self.store.count(_results(batch_id))
+            failed = await self.store.count(_failed(batch_id))
+            skipped = await self.store.count(_skipped(batch_id))
+            batch["request_counts"] = {"total": batch["request_counts"]["total"],
+                                       "completed": done - failed - skipped, "failed": failed}
+        batch.pop("enqueued", None)
+        return batch
+
+    async def list_batches(self, limit: int = 20, after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+        ids = sorted((await self.store.items(BATCHES)).values(), key=lambda b: (-int(b["created_at"]), b["id"]))
+        if after is not None:
+            keys = [b["id"] for b in ids]
+            ids = ids[keys.index(after) + 1:] if after in keys else []
+        page = ids[:limit]
+        return [await self.get_batch(b["id"]) for b in page], len(ids) > limit
+
+    async def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        batch = await self._batch(batch_id)
+        if batch["status"] in TERMINAL:
+            raise Conflict(f"batch {batch_id} is already {batch['status']}")
+        if batch["status"] != "cancelling":
+            batch["status"], batch["cancelling_at"] = "cancelling", int(time.time())
+            await self.store.put(BATCHES, batch_id, batch)
+        await self.maybe_finalize(batch_id)
+        return await self.get_batch(batch_id)
+
+    # -- results (workers) -------------------------------------------------------------
+
+    async def status(self, batch_id: str) -> str | None:
+        batch = await self.store.get(BATCHES, batch_id)
+        return None if batch is None else str(batch["status"])
+
+    async def record(self, batch_id: str, item: BatchItem, status: int, body: dict[str, Any], request_id: str,
+                     *, skipped: bool = False) -> bool:
+        """Store an item's result unless it already has one; True when this call's result counts."""
+        doc = {"line": item.line, "status": status, "request_id": request_id, "body": body, "skipped": skipped}
+        if not await self.store.put_if_absent(_results(batch_id), item.custom_id, doc):
+            return False
+        if skipped:
+            await self.store.put(_skipped(batch_id), item.custom_id, {})
+        elif not 200 <= status < 300:
+            await self.store.put(_failed(batch_id), item.custom_id, {})
+        return True
+
+    async def has_result(self, batch_id: str, custom_id: str) -> bool:
+        return await self.store.get(_results(batch_id), custom_id) is not None
+
+    async def maybe_finalize(self, batch_id: str) -> bool:
+        """Write the output and error files and end the batch once every item has a record."""
+        batch = await self._batch(batch_id)
+        if batch["status"] in TERMINAL:
+            return False
+        total = int(batch["request_counts"]["total"])
+        if await self.store.count(_results(batch_id)) < total:  # cheap check before reading every result
+            return False
+        results = await self.store.items(_results(batch_id))
+        cancelling = batch["status"] == "cancelling"  # workers skip its remaining items as they come
+        if len(results) < total:
+            return False
+        ordered = sorted(results.items(), key=lambda kv: int(kv[1]["line"]))
+        ok, bad = [], []
+        for custom_id, r in ordered:
+            if r.get("skipped"):
+                continue
+            if 200 <= int(r["status"]) < 300:
+                ok.append(output_line(custom_id, r["request_id"], r["status"], r["body"]))
+            else:
+                error = r["body"].get("error") if isinstance(r["body"].get("error"), dict) else {}
+                bad.append(output_line(custom_id, r["request_id"], r["status"], r["body"],
+                                       {"code": error.get("code") or error.get("type"),
+                                        "message": error.get("message")}))
+        now = int(time.time())
+        batch["finalizing_at"] = batch["finalizing_at"] or now
+        if ok:
+            batch["output_file_id"] = (await self._result_file(f"file-{batch_id}-output", ok))["id"]
+        if bad:
+            batch["error_file_id"] = (await self._result_file(f"file-{batch_id}-errors", bad))["id"]
+        batch["request_counts"] = {"total": total, "completed": len(ok), "failed": len(bad)}
+        if cancelling:
+            batch["status"], batch["cancelled_at"] = "cancelled", now
+        else:
+            batch["status"], batch["completed_at"] = "completed", now
+        await self.store.put(BATCHES, batch_id, batch)
+        return True
+
+    async def _result_file(self, file_id: str, lines: list[dict[str, Any]]) -> dict[str, Any]:
+        text = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines)
+        return await self.create_file(f"{file_id}.jsonl", "batch_output", text.encode(), file_id=file_id)
+
+    async def recover(self) -> int:
+        """Re-enqueue batches accepted but not fully enqueued (a crash mid-accept); finalize finished ones."""
+        n = 0
+        for batch in (await self.store.items(BATCHES)).values():
+            if batch["status"] in TERMINAL:
+                continue
+            if not batch.get("enqueued", True):
+                results = await self.store.items(_results(batch["id"]))
+                todo = [i.custom_id for i in await self.items_of(batch) if i.custom_id not in results]
+                await self.queue.push(batch["id"], todo)
+                batch["enqueued"] = True
+                await self.store.put(BATCHES, batch["id"], batch)
+                n += 1
+            await self.maybe_finalize(batch["id"])
+        return n

@@ -1,0 +1,135 @@
+"""OpenAI Files and Batches through the official openai SDK, against coe on the shared real vLLM
+(the embedded in-memory store and worker)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+import pytest
+import pytest_asyncio
+from apphelpers import RunningCoe, running_coe, tiny_registry, write_registry
+
+from coe.testing.recording import RecordingTransport
+
+pytestmark = pytest.mark.vllm
+
+
+def jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(x) + "\n" for x in lines).encode()
+
+
+def request(custom_id: str, model: str = "tiny-base", **body: Any) -> dict[str, Any]:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": model, "messages": [{"role": "user", "content": f"Say {custom_id}."}],
+                     "max_tokens": 6, "temperature": 0, **body}}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def recorded(vllm_server: Any, tmp_path_factory: pytest.TempPathFactory
+                   ) -> AsyncIterator[tuple[RunningCoe, RecordingTransport]]:
+    transport = RecordingTransport()
+    path = write_registry(tmp_path_factory.mktemp("batches") / "experts.yaml",
+                          tiny_registry(vllm_server, store={"worker_concurrency": 4}))
+    async with running_coe(path, transport_factory=lambda name: transport) as running:
+        yield running, transport
+
+
+async def wait_done(client: openai.AsyncOpenAI, batch_id: str, timeout: float = 180) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = await client.batches.retrieve(batch_id)
+        if batch.status in ("completed", "failed", "cancelled", "expired"):
+            return batch
+        assert time.monotonic() < deadline, f"batch still {batch.status}: {batch.request_counts}"
+        await asyncio.sleep(0.3)
+
+
+async def test_batch_round_trip(recorded: tuple[RunningCoe, RecordingTransport]) -> None:
+    coe, _ = recorded
+    client = coe.client()
+    lines = [request("a-1"), request("a-2", model="tiny-a0"), request("a-3", model="tiny-a1"),
+             request("routed", model="coe", coe={"experts": ["tiny-a0", "tiny-base"], "strategy": "best"}),
+             request("too-long", messages=[{"role": "user", "content": "word " * 2000}])]
+    uploaded = await client.files.create(file=("input.jsonl", jsonl(lines)), purpose="batch")
+    assert uploaded.purpose == "batch" and uploaded.bytes == len(jsonl(lines))
+    assert (await client.files.retrieve(uploaded.id)).filename == "input.jsonl"
+    batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h", metadata={"job": "t1"})
+    assert batch.status == "in_progress" and batch.request_counts is not None
+    assert batch.request_counts.total == 5 and batch.metadata == {"job": "t1"}
+    done = await wait_done(client, batch.id)
+    assert done.status == "completed" and done.completed_at is not None
+    assert done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (4, 1)
+    assert done.output_file_id and done.error_file_id
+    output = [json.loads(x) for x in (await client.files.content(done.output_file_id)).text.splitlines()]
+    assert [r["custom_id"] for r in output] == ["a-1", "a-2", "a-3", "routed"]  # input order
+    for r in output:
+        assert r["response"]["status_code"] == 200 and r["error"] is None and r["id"].startswith("batch_req_")
+        assert r["response"]["body"]["choices"][0]["message"]["content"]
+    assert output[1]["response"]["body"]["model"] == "tiny-a0"
+    assert output[3]["response"]["body"]["coe"]["answered_by"] == "tiny-a0"
+    errors = [json.loads(x) for x in (await client.files.content(done.error_file_id)).text.splitlines()]
+    assert [e["custom_id"] for e in errors] == ["too-long"] and errors[0]["response"]["status_code"] == 400
+    listed = await client.batches.list(limit=5)
+    assert batch.id in [b.id for b in listed.data]
+
+
+async def test_bad_input_is_refused_with_every_line(recorded: tuple[RunningCoe, RecordingTransport]) -> None:
+    coe, transport = recorded
+    client = coe.client()
+    bad = jsonl([request("x"), {"custom_id": "y", "method": "POST", "url": "/v1/embeddings", "body": {}},
+                 request("x"), request("z", model="nobody"), request("w", temperature=9)])
+    uploaded = await client.files.create(file=("bad.jsonl", bad), purpose="batch")
+    transport.clear()
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                    completion_window="24h")
+    message = str(info.value)
+    for line in ("line 2", "line 3", "line 4", "line 5"):
+        assert line in message
+    assert "line 1:" not in message and transport.chats() == []
+    with pytest.raises(openai.BadRequestError):
+        await client.files.create(file=("x.jsonl", b"{}\n"), purpose="fine-tune")  # type: ignore[arg-type]
+    with pytest.raises(openai.NotFoundError):
+        await client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions",
+                                    completion_window="24h")
+
+
+async def test_cancel_skips_what_has_not_run(recorded: tuple[RunningCoe, RecordingTransport]) -> None:
+    coe, transport = recorded
+    client = coe.client()
+    transport.delay_s["tiny-lora-1"] = 1.0
+    try:
+        lines = [request(f"c-{i}", model="tiny-a1") for i in range(24)]
+        uploaded = await client.files.create(file=("c.jsonl", jsonl(lines)), purpose="batch")
+        batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                            completion_window="24h")
+        cancelling = await client.batches.cancel(batch.id)
+        assert cancelling.status in ("cancelling", "cancelled")
+        done = await wait_done(client, batch.id)
+    finally:
+        transport.delay_s.pop("tiny-lora-1")
+    assert done.status == "cancelled" and done.cancelled_at is not None
+    assert done.request_counts is not None and done.request_counts.completed < 24
+    ran = done.request_counts.completed
+    if ran:
+        assert done.output_file_id
+        text = (await client.files.content(done.output_file_id)).text
+        assert len(text.splitlines()) == ran
+    with pytest.raises(openai.ConflictError):
+        await client.batches.cancel(batch.id)
+
+
+async def test_file_delete(recorded: tuple[RunningCoe, RecordingTransport]) -> None:
+    client = recorded[0].client()
+    uploaded = await client.files.create(file=("d.jsonl", jsonl([request("d")])), purpose="batch")
+    deleted = await client.files.delete(uploaded.id)
+    assert deleted.deleted and deleted.id == uploaded.id
+    with pytest.raises(openai.NotFoundError):
+        await client.files.retrieve(uploaded.id)
