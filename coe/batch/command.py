@@ -103,6 +103,9 @@ def add_commands(sub: Any, command: Any) -> None:
     """``coe batch ...`` on the CLI's subparsers (``command`` adds --config and the handler)."""
     batch = sub.add_parser("batch", help="batch jobs: OpenAI batch lines in, results out").add_subparsers(
         dest="batch_command", required=True, metavar="SUBCOMMAND")
+    from coe.batch.client import add_commands as add_client_commands
+
+    add_client_commands(sub, batch, command)
     run = command(batch.add_parser("run", help="run a batch in this process (re-run resumes after a crash)"),
                   cmd_batch_run)
     run.add_argument("input", help="JSONL: {custom_id, method: POST, url: /v1/chat/completions, body}")

@@ -105,11 +105,13 @@ def create_app(
     transport_factory: TransportFactory | None = None,
     poll_interval_s: float = 1.0,
     drain_timeout_s: float = 30.0,
+    batch_worker: bool | None = None,
 ) -> FastAPI:
     """Build the API server for the registry at ``config_path``.
 
     ``store`` overrides the one the registry's ``store`` section names;
-    ``transport_factory`` swaps backend transports (fault injection in tests).
+    ``transport_factory`` swaps backend transports (fault injection in tests);
+    ``batch_worker`` overrides ``store.embedded_worker`` (``coe worker`` forces it on).
     """
     config_path = Path(config_path).resolve()
 
@@ -147,7 +149,8 @@ def create_app(
             if not queue.durable:
                 log.warning("batch jobs are in memory: accepted batches do not survive a restart "
                             "(set store.redis_url or COE_REDIS_URL for durable batches)")
-            if initial.store.embedded_worker or not queue.durable:
+            run_worker = initial.store.embedded_worker if batch_worker is None else batch_worker
+            if run_worker or not queue.durable:
                 worker_task = asyncio.create_task(_batch_worker(state, initial.store, worker_stop))
             log.info("coe ready to accept requests: %d experts, %d backends", len(registry.experts),
                      len(registry.config.backends))
