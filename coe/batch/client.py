@@ -97,10 +97,10 @@ def cmd_download(args: argparse.Namespace) -> int:
         written = {}
         output = Path(args.output)
         errors = Path(args.errors) if args.errors else output.with_name(f"{output.stem}.errors{output.suffix}")
-        for key, path in (("output_file_id", output), ("error_file_id", errors)):
+        for key, name, path in (("output_file_id", "output", output), ("error_file_id", "errors", errors)):
             if batch.get(key):
                 path.write_bytes(_checked(http.get(f"/files/{batch[key]}/content")).content)
-                written[key] = str(path)
+                written[name] = str(path)
     print(json.dumps({"status": batch["status"], "request_counts": batch.get("request_counts"), **written}))
     return 0
 
