@@ -133,3 +133,34 @@ async def test_file_delete(recorded: tuple[RunningCoe, RecordingTransport]) -> N
     assert deleted.deleted and deleted.id == uploaded.id
     with pytest.raises(openai.NotFoundError):
         await client.files.retrieve(uploaded.id)
+
+
+async def coe_cli(*args: str) -> tuple[int, str, str]:
+    """The CLI as a subprocess, awaited (the server under test runs on this event loop)."""
+    import sys
+    from pathlib import Path
+
+    proc = await asyncio.create_subprocess_exec(str(Path(sys.executable).parent / "coe"), *args,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_cli_submit_status_download(recorded: tuple[RunningCoe, RecordingTransport], tmp_path: Any) -> None:
+    coe, _ = recorded
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(jsonl([request("s-1"), request("s-2", model="tiny-a0")]))
+    base = ["--base-url", f"{coe.url}/v1"]
+    code, out, err = await coe_cli("batch", "submit", str(source), *base)
+    assert code == 0, err
+    batch_id = json.loads(out)["id"]
+    await wait_done(coe.client(), batch_id)
+    code, out, _ = await coe_cli("batch", "status", batch_id, *base)
+    assert code == 0 and json.loads(out)["status"] == "completed"
+    code, out, err = await coe_cli("batch", "download", batch_id, "--output", str(tmp_path / "out.jsonl"), *base)
+    assert code == 0, err
+    assert json.loads(out)["output"] == str(tmp_path / "out.jsonl")
+    ids = [json.loads(x)["custom_id"] for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert ids == ["s-1", "s-2"]
+    code, _, err = await coe_cli("batch", "status", "batch_nope", *base)
+    assert code == 1 and "404" in err
