@@ -13,6 +13,7 @@ unique) live in ``RegistryConfig`` validators, so every loader gets them.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,6 +26,13 @@ ROUTED_MODEL = "coe"
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def check_known(value: str, registry: Collection[str], what: str) -> str:
+    """A name that must be a key of an explicit registry (routers, aggregation strategies)."""
+    if value not in registry:
+        raise ValueError(f"unknown {what} {value!r} (known: {', '.join(sorted(registry))})")
+    return value
 
 
 def _check_name(value: str) -> str:
@@ -231,9 +239,7 @@ class RouterConfig(Strict):
     def _known_router(cls, value: str) -> str:
         from routers import ROUTERS  # the explicit router registry; imported late to avoid a cycle
 
-        if value not in ROUTERS:
-            raise ValueError(f"unknown router {value!r} (known: {', '.join(sorted(ROUTERS))})")
-        return value
+        return check_known(value, ROUTERS, "router")
 
     @model_validator(mode="after")
     def _k_bounds(self) -> RouterConfig:
@@ -276,9 +282,7 @@ class PipelineConfig(Strict):
     def _known_strategy(cls, value: str) -> str:
         from coe.aggregate import AGGREGATORS  # the explicit registry; imported late to avoid a cycle
 
-        if value not in AGGREGATORS:
-            raise ValueError(f"unknown strategy {value!r} (known: {', '.join(sorted(AGGREGATORS))})")
-        return value
+        return check_known(value, AGGREGATORS, "strategy")
 
 
 class RagConfig(Strict):

@@ -42,9 +42,8 @@ class LiveGate:
 
     async def decide(self, config: RagConfig, query: str, category: str | None,
                      force: bool | None) -> GateDecision:
-        """``force``: True retrieves whatever the similarity, False never, None lets the gate decide."""
-        if force is False:
-            return GateDecision(False, 0.0, "the request turned retrieval off")
+        """``force``: True retrieves whatever the similarity; None (or False) lets the gate decide (the
+        pipeline skips the retrieve step altogether when a request turns retrieval off)."""
         gate = await self.gate(config)
         if gate is None:
             return GateDecision(False, 0.0, f"no retrieval index {config.index!r} (run: coe rag ingest)")

@@ -131,7 +131,7 @@ async def _stream(request: Request, state: AppState, registry: Registry, run: St
 
             names = answered(run.get("calls", []))
             return StreamingResponse(
-                sse(state, opened, finish, client_usage, ROUTE, started), media_type="text/event-stream",
+                sse(state, opened, finish, client_usage, ROUTE, started, request_id), media_type="text/event-stream",
                 headers={"x-coe-experts": ",".join(filter(None, [names, opened.expert.name])),
                          "cache-control": "no-cache"})
     log_run(run, request_id)

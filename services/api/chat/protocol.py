@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from coe.config import check_known
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -42,9 +44,7 @@ class CoeOptions(BaseModel):
     def _known_strategy(cls, value: str | None) -> str | None:
         from coe.aggregate import AGGREGATORS
 
-        if value is not None and value not in AGGREGATORS:
-            raise ValueError(f"unknown strategy {value!r} (known: {', '.join(sorted(AGGREGATORS))})")
-        return value
+        return None if value is None else check_known(value, AGGREGATORS, "strategy")
 
     @model_validator(mode="after")
     def _k_fits_experts(self) -> CoeOptions:

@@ -111,7 +111,7 @@ async def create(request: Request, body: ChatCompletionRequest) -> Response:
                 return coe_field(decision, [call], request_id), None  # the server's own usage, as sent
 
             return StreamingResponse(
-                sse(state, opened, finish, client_usage, "direct", started),
+                sse(state, opened, finish, client_usage, "direct", started, request_id),
                 media_type="text/event-stream",
                 headers={"x-coe-experts": opened.expert.name, "cache-control": "no-cache"},
             )
@@ -156,7 +156,7 @@ Finish = Callable[[ExpertCall], tuple[dict[str, Any], "dict[str, Any] | None"]]
 
 
 async def sse(state: AppState, opened: OpenedStream, finish: Finish, client_usage: bool, route: str,
-              started: float) -> AsyncIterator[bytes]:
+              started: float, request_id: str) -> AsyncIterator[bytes]:
     name = opened.expert.name
     held: list[dict[str, Any]] = []
     usage: dict[str, Any] | None = None
@@ -188,7 +188,7 @@ async def sse(state: AppState, opened: OpenedStream, finish: Finish, client_usag
         if client_usage or not held:
             if held:
                 yield event(held[-1])
-            yield event({"id": last.get("id", f"chatcmpl-{opened.call.name}"), "object": "chat.completion.chunk",
+            yield event({"id": last.get("id", f"chatcmpl-{request_id}"), "object": "chat.completion.chunk",
                           "created": last.get("created", int(time.time())), "model": name, "choices": [],
                           "usage": usage if client_usage else None, "coe": trace})
         else:
