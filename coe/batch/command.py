@@ -1,5 +1,6 @@
 """``coe batch run INPUT --output OUT``: a batch in this process, through the same request paths as
-the API server (its backends started and stopped here), resumable after a crash.
+the API server (its backends started and stopped here), resumable after a crash. Items run in waves
+grouped by expert (``coe.batch.stages``); on-demand backends come up one at a time for their group.
 
 Exit status: 0 every item succeeded; 2 some items failed (they are in the error
 file); 1 the input or the registry is invalid (nothing ran).
@@ -16,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from coe.batch.lines import read_batch
-from coe.batch.run import Progress, run_batch
+from coe.batch.run import DEFAULT_WINDOW, Progress, run_batch
+from coe.batch.stages import WaveRunner
 from coe.config import ROUTED_MODEL
 from coe.errors import BackendUnavailable
 from coe.loader import load_registry
@@ -34,6 +36,10 @@ class Reporter:
         self.tty = sys.stderr.isatty()
         self._last_line = 0.0
         self._last_done = 0
+
+    def event(self, text: str) -> None:
+        """A wave starting or a model coming up: its own line (a terminal's progress line continues below)."""
+        print(("\n" if self.tty else "") + f"batch: {text}", file=sys.stderr, flush=True)
 
     def __call__(self, p: Progress, final: bool = False) -> None:
         text = (f"batch: {p.done}/{p.total} done ({p.completed} ok, {p.failed} failed, {p.resumed} from an "
@@ -58,7 +64,8 @@ async def _wait_ready(state: Any, backends: set[str], timeout_s: float) -> None:
         await asyncio.sleep(0.5)
 
 
-async def _run(args: argparse.Namespace, items: list[Any], output: Path, errors: Path) -> Progress:
+async def _run(args: argparse.Namespace, items: list[Any], output: Path, errors: Path) -> tuple[Progress, WaveRunner]:
+    from coe.pipeline import ChatCaller
     from services.api import create_app
     from services.api.app import state_of
     from services.api.chat.execute import execute
@@ -69,20 +76,24 @@ async def _run(args: argparse.Namespace, items: list[Any], output: Path, errors:
         config = state.registry.current.config
         experts = state.registry.current.experts
         models = {i.model for i in items}
-        backends = ({e.backend for e in experts.values()} if ROUTED_MODEL in models
-                    else {experts[m].backend for m in models})
+        used = ({e.backend for e in experts.values()} if ROUTED_MODEL in models
+                else {experts[m].backend for m in models})
+        backends = {b for b in used if not state.pool.is_on_demand(b)}  # those come up for their wave
         timeout = max([b.launch.startup_timeout_s for b in config.backends.values() if b.launch] + [60.0])
-        print(f"batch: waiting for {', '.join(sorted(backends))} ...", file=sys.stderr, flush=True)
+        if backends:
+            print(f"batch: waiting for {', '.join(sorted(backends))} ...", file=sys.stderr, flush=True)
         await _wait_ready(state, backends, timeout)
         report = Reporter()
+        runner = WaveRunner(state.dispatcher, models=state.pool, metrics=state.metrics,
+                            concurrency=args.concurrency, on_event=report.event)
 
-        async def run_one(item: Any, request_id: str) -> tuple[int, dict[str, Any]]:
-            return await execute(state, item, request_id)
+        async def run_one(item: Any, request_id: str, caller: ChatCaller) -> tuple[int, dict[str, Any]]:
+            return await execute(state, item, request_id, caller)
 
-        progress = await run_batch(items, run_one, output=output, errors=errors, concurrency=args.concurrency,
+        progress = await run_batch(items, run_one, runner, output=output, errors=errors, window=args.window,
                                    on_progress=report)
         report(progress, final=True)
-        return progress
+        return progress, runner
 
 
 def cmd_batch_run(args: argparse.Namespace) -> int:
@@ -94,8 +105,8 @@ def cmd_batch_run(args: argparse.Namespace) -> int:
     items = read_batch(Path(args.input), {ROUTED_MODEL, *(e.name for e in cfg.experts)}, check_body)
     output = Path(args.output)
     errors = Path(args.errors) if args.errors else errors_path(output)
-    progress = asyncio.run(_run(args, items, output, errors))
-    print(json.dumps({**progress.to_json(), "output": str(output), "errors": str(errors)}))
+    progress, runner = asyncio.run(_run(args, items, output, errors))
+    print(json.dumps({**progress.to_json(), **runner.stats.to_json(), "output": str(output), "errors": str(errors)}))
     return 0 if progress.failed == 0 else 2
 
 
@@ -111,5 +122,8 @@ def add_commands(sub: Any, command: Any) -> None:
     run.add_argument("input", help="JSONL: {custom_id, method: POST, url: /v1/chat/completions, body}")
     run.add_argument("--output", required=True, help="results, one OpenAI batch output line per succeeded item")
     run.add_argument("--errors", help="failed items (default: OUTPUT with .errors before the suffix)")
-    run.add_argument("--concurrency", type=int, default=8, help="items in flight at once (default 8)")
+    run.add_argument("--concurrency", type=int, default=8,
+                     help="expert calls in flight per backend at once (default 8)")
+    run.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                     help=f"items staged together, their calls grouped by expert (default {DEFAULT_WINDOW})")
     run.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])

@@ -4,9 +4,18 @@ Namespaces: ``files`` (metadata), ``file-data`` (content), ``batches``, and per
 batch ``batch-results.<id>`` (one record per item, FIRST WRITE WINS, so an item
 that ran twice is counted and output once) with ``batch-failed.<id>`` and
 ``batch-skipped.<id>`` beside it for the live counts. A batch is finalized (its
-output and error files written, status ``completed`` or ``cancelled``) once
-every item has a record; finalizing is deterministic and idempotent, so any
-worker may do it, and doing it twice writes the same files.
+output and error files written, status ``completed``, ``cancelled`` or
+``expired``) once every item has a record; finalizing is deterministic and
+idempotent, so any worker may do it, and doing it twice writes the same files.
+
+Expiry (OpenAI's): an ``in_progress`` batch past ``expires_at`` is ``expiring``.
+That status is derived from the clock, never written, so no read-modify-write
+of the batch record can race another one over it. Workers skip an expiring
+batch's items as they do a cancelled one's; reading the batch (``get_batch``,
+so ``GET /v1/batches/{id}`` with no worker running) records every item still
+without a result as skipped (first-wins, so any number of readers and workers
+may do it at once) and finalizes it ``expired``, keeping the results it has.
+As for ``cancelled``, skipped items count as neither completed nor failed.
 
 Acceptance order, so that a crash never loses an accepted batch: the batch
 record is written (``enqueued: false``), then its queue entries, then
@@ -16,7 +25,9 @@ left at ``enqueued: false``.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import time
 import uuid
 from collections.abc import Collection
@@ -30,6 +41,7 @@ from coe.store.base import StateStore
 FILES, DATA, BATCHES = "files", "file-data", "batches"
 TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
 WINDOW_S = 24 * 3600
+SWEEP_CONCURRENCY = 64
 
 
 def _results(bid: str) -> str:
@@ -97,8 +109,9 @@ class BatchJobs:
         return parse_batch(await self.file_text(batch["input_file_id"]), batch["input_file_id"], models=None)
 
     async def create_batch(self, input_file_id: str, endpoint: str, completion_window: str,
-                           metadata: dict[str, str] | None, models: Collection[str], check: BodyCheck | None
-                           ) -> dict[str, Any]:
+                           metadata: dict[str, str] | None, models: Collection[str], check: BodyCheck | None,
+                           *, expiry_s: float | None = None) -> dict[str, Any]:
+        """Accept a batch; ``expiry_s`` overrides the 24 h window (``store.batch_expiry_s``, for tests)."""
         if endpoint != CHAT_URL:
             raise InvalidRequest(f"endpoint must be {CHAT_URL!r} (the only one coe batches)", param="endpoint")
         if completion_window != "24h":
@@ -108,12 +121,14 @@ class BatchJobs:
             raise InvalidRequest(f"file {input_file_id!r} has purpose {meta.get('purpose')!r}, not 'batch'",
                                  param="input_file_id")
         items = parse_batch(await self.file_text(input_file_id), f"file {input_file_id}", models, check)
-        now = int(time.time())
+        clock = time.time()
+        now = int(clock)
         batch: dict[str, Any] = {
             "id": f"batch_{uuid.uuid4().hex}", "object": "batch", "endpoint": endpoint, "errors": None,
             "input_file_id": input_file_id, "completion_window": completion_window, "status": "in_progress",
             "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": now,
-            "expires_at": now + WINDOW_S, "finalizing_at": None, "completed_at": None, "failed_at": None,
+            "expires_at": math.ceil(clock + (WINDOW_S if expiry_s is None else expiry_s)),
+            "finalizing_at": None, "completed_at": None, "failed_at": None,
             "expired_at": None, "cancelling_at": None, "cancelled_at": None,
             "request_counts": {"total": len(items), "completed": 0, "failed": 0},
             "metadata": metadata or None, "enqueued": False,
@@ -130,10 +145,40 @@ class BatchJobs:
             raise NotFound(f"no batch with id {batch_id!r}", param="batch_id", code="batch_not_found")
         return batch
 
-    async def get_batch(self, batch_id: str) -> dict[str, Any]:
-        """The batch as OpenAI shows it, with live request counts."""
+    @staticmethod
+    def _expiring(batch: dict[str, Any]) -> bool:
+        """In progress past its window (a cancelling batch ends cancelled instead)."""
+        return batch["status"] == "in_progress" and time.time() > float(batch["expires_at"])
+
+    async def expire(self, batch_id: str) -> bool:
+        """End an expiring batch now: skip every item without a result, then finalize it ``expired``.
+
+        Safe to run from any number of readers and workers at once: skips are
+        first-wins records, and finalizing is deterministic.
+        """
         batch = await self._batch(batch_id)
+        if not self._expiring(batch):
+            return False
+        done = await self.store.items(_results(batch_id))
+        try:
+            items = await self.items_of(batch)
+        except NotFound:  # its input file was deleted: it stays expiring, as it would stay in progress
+            return False
+        todo = [i for i in items if i.custom_id not in done]
+        for start in range(0, len(todo), SWEEP_CONCURRENCY):
+            await asyncio.gather(*(self.record(batch_id, item, 0, {}, "", skipped=True)
+                                   for item in todo[start:start + SWEEP_CONCURRENCY]))
+        return await self.maybe_finalize(batch_id)
+
+    async def get_batch(self, batch_id: str) -> dict[str, Any]:
+        """The batch as OpenAI shows it, with live request counts; an expiring batch is ended first."""
+        batch = await self._batch(batch_id)
+        if self._expiring(batch):
+            await self.expire(batch_id)
+            batch = await self._batch(batch_id)
         if batch["status"] not in TERMINAL:
+            if self._expiring(batch):  # its input file is gone, so there was nothing to sweep
+                batch["status"] = "expiring"
             done = await self.store.count(_results(batch_id))
             failed = await self.store.count(_failed(batch_id))
             skipped = await self.store.count(_skipped(batch_id))
@@ -151,6 +196,7 @@ class BatchJobs:
         return [await self.get_batch(b["id"]) for b in page], len(ids) > limit
 
     async def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        await self.expire(batch_id)  # past its window it ends expired, and cannot be cancelled
         batch = await self._batch(batch_id)
         if batch["status"] in TERMINAL:
             raise Conflict(f"batch {batch_id} is already {batch['status']}")
@@ -163,8 +209,11 @@ class BatchJobs:
     # -- results (workers) -------------------------------------------------------------
 
     async def status(self, batch_id: str) -> str | None:
+        """The stored status, or ``expiring`` past the window (cheap: workers ask before every item)."""
         batch = await self.store.get(BATCHES, batch_id)
-        return None if batch is None else str(batch["status"])
+        if batch is None:
+            return None
+        return "expiring" if self._expiring(batch) else str(batch["status"])
 
     async def record(self, batch_id: str, item: BatchItem, status: int, body: dict[str, Any], request_id: str,
                      *, skipped: bool = False) -> bool:
@@ -193,6 +242,8 @@ class BatchJobs:
         cancelling = batch["status"] == "cancelling"  # workers skip its remaining items as they come
         if len(results) < total:
             return False
+        # Items are skipped only for a cancel or for expiry, so skips without a cancel mean it expired.
+        expired = not cancelling and any(r.get("skipped") for r in results.values())
         ordered = sorted(results.items(), key=lambda kv: int(kv[1]["line"]))
         ok, bad = [], []
         for custom_id, r in ordered:
@@ -214,6 +265,8 @@ class BatchJobs:
         batch["request_counts"] = {"total": total, "completed": len(ok), "failed": len(bad)}
         if cancelling:
             batch["status"], batch["cancelled_at"] = "cancelled", now
+        elif expired:
+            batch["status"], batch["expired_at"] = "expired", now
         else:
             batch["status"], batch["completed_at"] = "completed", now
         await self.store.put(BATCHES, batch_id, batch)

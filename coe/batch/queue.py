@@ -6,6 +6,10 @@ worker re-claims them (``XAUTOCLAIM`` on Redis). Results are therefore written
 first-wins per ``custom_id`` (see ``coe.batch.jobs``), so every item appears in
 the output exactly once however often it ran.
 
+A worker holding entries for long (a wave waiting for a model to load) calls
+``touch`` now and then, which restarts their idle time, so only a worker that
+stopped is taken for dead.
+
 ``MemoryQueue`` serves one process (the embedded default; lost on restart).
 ``RedisStreamQueue`` is a Redis Stream with one consumer group, so workers on
 many machines share it.
@@ -57,6 +61,11 @@ class WorkQueue(ABC):
     async def ack(self, entries: list[Entry]) -> None:
         """Done with these entries: they are never handed out again."""
 
+    @abstractmethod
+    async def touch(self, consumer: str, entries: list[Entry]) -> None:
+        """Restart the idle time of those of ``entries`` that ``consumer`` still holds (a heartbeat);
+        entries acknowledged or re-claimed by another consumer meanwhile are left alone."""
+
     async def release(self, entries: list[Entry]) -> None:
         """Give back entries not started (a worker stopping): they go to the next taker at once."""
         if entries:
@@ -105,6 +114,13 @@ class MemoryQueue(WorkQueue):
     async def ack(self, entries: list[Entry]) -> None:
         for e in entries:
             self._held.pop(e.id, None)
+
+    async def touch(self, consumer: str, entries: list[Entry]) -> None:
+        now = time.monotonic()
+        for e in entries:
+            held = self._held.get(e.id)
+            if held is not None and held[1] == consumer:
+                self._held[e.id] = (held[0], consumer, now)
 
 
 class RedisStreamQueue(WorkQueue):
@@ -189,8 +205,25 @@ class RedisStreamQueue(WorkQueue):
             pipe.xdel(self._key, *ids)
             await pipe.execute()
 
+    async def touch(self, consumer: str, entries: list[Entry]) -> None:
+        if not entries:
+            return
+        await self._group()
+        wanted = {e.id for e in entries}
+        async with self._errors("refresh the claim"):
+            pending = await self._client.xpending_range(self._key, GROUP, min="-", max="+",
+                                                        count=len(wanted) + 1024, consumername=consumer)
+            ids = [i for i in (_text(p["message_id"]) for p in pending) if i in wanted]
+            if ids:  # XCLAIM by the holder itself, JUSTID: restarts the idle time, changes nothing else
+                await self._client.xclaim(self._key, GROUP, consumer, min_idle_time=0, message_ids=ids,
+                                          justid=True)
+
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def open_queue(cfg: StoreConfig, *, durable_store: bool, environ: Mapping[str, str] | None = None) -> WorkQueue:

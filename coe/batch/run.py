@@ -6,13 +6,15 @@ Contract:
 - Re-running the same input with the same files resumes: items whose
   ``custom_id`` already has a line in either file are not run again. A line torn
   by a crash (no final newline) is cut off first, and its item runs again.
-- Items run grouped by ``body.model``, so one expert's requests are together
-  (vLLM keeps its adapter busy; a managed model loads once), ``concurrency`` at a time.
+- Items run in waves (``coe.batch.stages``): every expert call of a window of
+  items is parked, then each expert's calls go out together (the aggregators'
+  in the next wave), so an adapter stays busy and an on-demand model loads once
+  per wave. Windows of ``window`` items follow ``grouped`` order, so a batch
+  larger than one window still meets each model in as few windows as it can.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time
@@ -20,12 +22,20 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from coe.batch.lines import BatchItem, output_line
+from coe.batch.stages import Job, WaveRunner
 
-Execute = Callable[[BatchItem, str], Awaitable[tuple[int, dict[str, Any]]]]
-"""(item, request id) -> (HTTP status, response body); failures are statuses, never exceptions."""
+if TYPE_CHECKING:
+    from coe.pipeline.state import ChatCaller
+
+Execute = Callable[[BatchItem, str, "ChatCaller"], Awaitable[tuple[int, dict[str, Any]]]]
+"""(item, request id, the caller its expert calls go through) -> (HTTP status, response body);
+failures are statuses, never exceptions."""
+
+DEFAULT_WINDOW = 1000
+"""Items staged together: their calls are grouped across the whole window."""
 
 
 @dataclass
@@ -88,24 +98,21 @@ def grouped(items: list[BatchItem]) -> list[BatchItem]:
     return sorted(items, key=lambda it: first[it.model])
 
 
-async def run_batch(items: list[BatchItem], execute: Execute, *, output: Path, errors: Path, concurrency: int = 8,
-                    on_progress: Callable[[Progress], None] | None = None) -> Progress:
+async def run_batch(items: list[BatchItem], execute: Execute, runner: WaveRunner, *, output: Path, errors: Path,
+                    window: int = DEFAULT_WINDOW, on_progress: Callable[[Progress], None] | None = None) -> Progress:
+    """Every item without a result line, through ``runner``'s waves, ``window`` items at a time
+    (in input order when the runner does not group: the arrival-order baseline)."""
     done = finished_ids(output) | finished_ids(errors)
-    todo = grouped([i for i in items if i.custom_id not in done])
+    todo = [i for i in items if i.custom_id not in done]
+    if runner.group:
+        todo = grouped(todo)
     progress = Progress(total=len(items), resumed=len(items) - len(todo))
-    queue: asyncio.Queue[BatchItem] = asyncio.Queue()
-    for item in todo:
-        queue.put_nowait(item)
     out, err = _Appender(output), _Appender(errors)
 
-    async def worker() -> None:
-        while True:
-            try:
-                item = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
+    def job(item: BatchItem) -> Job:
+        async def run(caller: ChatCaller) -> None:
             request_id = f"batch-{uuid.uuid4().hex[:16]}"
-            status, body = await execute(item, request_id)
+            status, body = await execute(item, request_id, caller)
             if 200 <= status < 300:
                 out.write(output_line(item.custom_id, request_id, status, body))
                 progress.completed += 1
@@ -117,9 +124,11 @@ async def run_batch(items: list[BatchItem], execute: Execute, *, output: Path, e
                 progress.failed += 1
             if on_progress is not None:
                 on_progress(progress)
+        return run
 
     try:
-        await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, len(todo) or 1)))))
+        for start in range(0, len(todo), max(1, window)):
+            await runner.run([job(item) for item in todo[start:start + max(1, window)]])
     finally:
         out.close()
         err.close()

@@ -8,7 +8,13 @@
   the output (the item may run twice: the contract of ``coe.batch.queue``).
 - 502/503/504 (an expert briefly down) are retried here, a few times with
   backoff, before the item is recorded as failed.
-- Stopping (SIGTERM) lets items in flight finish for up to ``drain_s``, then
+- Entries are taken ``window`` at a time and run in waves grouped by expert
+  (``coe.batch.stages``). A wave can outlast ``claim_idle_s`` (an on-demand model
+  loading, a long group), so while a chunk runs the worker refreshes its claim on
+  the entries it still holds (``WorkQueue.touch``) every third of ``claim_idle_s``;
+  only a worker that stopped refreshing loses its entries.
+- When the queue is empty, the resident on-demand model is put down.
+- Stopping (SIGTERM) lets the chunk in flight finish for up to ``drain_s``, then
   releases what is left so another worker takes it at once.
 """
 
@@ -26,6 +32,9 @@ from coe.batch.jobs import BatchJobs
 from coe.batch.lines import BatchItem
 from coe.batch.queue import Entry
 from coe.batch.run import Execute
+from coe.batch.stages import Job, WaveRunner
+from coe.errors import StoreError
+from coe.pipeline.state import ChatCaller
 
 log = logging.getLogger("coe.batch")
 
@@ -38,12 +47,13 @@ def consumer_name() -> str:
 
 
 class BatchWorker:
-    def __init__(self, jobs: BatchJobs, execute: Execute, *, name: str | None = None, concurrency: int = 8,
-                 claim_idle_s: float = 30.0, block_s: float = 1.0, drain_s: float = 30.0) -> None:
+    def __init__(self, jobs: BatchJobs, execute: Execute, runner: WaveRunner, *, name: str | None = None,
+                 window: int = 1000, claim_idle_s: float = 30.0, block_s: float = 1.0, drain_s: float = 30.0) -> None:
         self.jobs = jobs
         self.execute = execute
+        self.runner = runner
         self.name = name or consumer_name()
-        self.concurrency = concurrency
+        self.window = window
         self.claim_idle_s = claim_idle_s
         self.block_s = block_s
         self.drain_s = drain_s
@@ -55,56 +65,68 @@ class BatchWorker:
         recovered = await self.jobs.recover()
         if recovered:
             log.warning("re-enqueued %d batch(es) whose acceptance was interrupted", recovered)
-        running: dict[asyncio.Task[None], Entry] = {}
         last_reclaim = 0.0
         try:
             while not stop.is_set():
-                room = self.concurrency - len(running)
-                if room <= 0:
-                    await asyncio.wait(list(running), return_when=asyncio.FIRST_COMPLETED)
-                    self._reap(running)
-                    continue
                 entries: list[Entry] = []
                 if time.monotonic() - last_reclaim >= min(self.claim_idle_s / 2, 5.0):
                     last_reclaim = time.monotonic()
-                    entries = await queue.reclaim(self.name, self.claim_idle_s, room)
+                    entries = await queue.reclaim(self.name, self.claim_idle_s, self.window)
                     if entries:
                         log.info("re-claimed %d batch item(s) a stopped worker held", len(entries))
                 if not entries:
-                    entries = await queue.take(self.name, room, self.block_s)
-                for entry in await self._grouped(entries):
-                    running[asyncio.create_task(self._one(entry))] = entry
-                self._reap(running)
+                    entries = await queue.take(self.name, self.window, self.block_s)
+                if entries:
+                    await self._chunk(entries, stop)
+                else:
+                    await self.runner.release()
         finally:
-            await self._stop(running)
+            with contextlib.suppress(Exception):
+                await self.runner.release()
 
-    def _reap(self, running: dict[asyncio.Task[None], Entry]) -> None:
-        for task in [t for t in running if t.done()]:
-            running.pop(task)
-            if not task.cancelled() and task.exception() is not None:
-                log.error("batch item failed in the worker itself", exc_info=task.exception())
+    async def _chunk(self, entries: list[Entry], stop: asyncio.Event) -> None:
+        """One window of entries in waves; on stop, up to ``drain_s`` to finish, then the rest released."""
+        held = dict.fromkeys(entries)  # insertion-ordered set of the entries not yet acknowledged
+        for batch_id in dict.fromkeys(e.batch_id for e in entries):  # each batch's input read once, up front
+            await self._item(next(e for e in entries if e.batch_id == batch_id))
 
-    async def _stop(self, running: dict[asyncio.Task[None], Entry]) -> None:
-        if running:
-            log.info("worker stopping: letting %d item(s) finish (up to %.0fs)", len(running), self.drain_s)
-            _, pending = await asyncio.wait(list(running), timeout=self.drain_s)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
+        def job(entry: Entry) -> Job:
+            async def run(caller: ChatCaller) -> None:
+                await self._one(entry, caller)
+                held.pop(entry, None)
+            return run
+
+        work = asyncio.create_task(self.runner.run([job(e) for e in entries]))
+        heartbeat = asyncio.create_task(self._heartbeat(held))
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                log.info("worker stopping: letting %d item(s) finish (up to %.0fs)", len(held), self.drain_s)
+                await asyncio.wait({work}, timeout=self.drain_s)
+        finally:
+            stopping.cancel()
+            if not work.done():
+                work.cancel()
+            results = await asyncio.gather(work, return_exceptions=True)
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            if isinstance(results[0], Exception):
+                log.error("batch wave failed in the worker itself", exc_info=results[0])
+            if held and stop.is_set():  # not started or cut short: to the next taker at once
                 with contextlib.suppress(Exception):
-                    await self.jobs.queue.release([running[t] for t in pending])
+                    await self.jobs.queue.release(list(held))
+            # else: an item whose job failed in the worker itself stays unacknowledged, re-claimed later
 
-    async def _grouped(self, entries: list[Entry]) -> list[Entry]:
-        """Entries ordered by the item's model, so one expert's work goes out together."""
-        keyed = []
-        for e in entries:
-            item = await self._item(e)
-            keyed.append((item.model if item is not None else "", e))
-        first: dict[str, int] = {}
-        for i, (model, _) in enumerate(keyed):
-            first.setdefault(model, i)
-        return [e for _, e in sorted(keyed, key=lambda t: first[t[0]])]
+    async def _heartbeat(self, held: dict[Entry, None]) -> None:
+        """Refresh the claim on the entries still held, so a long wave is not taken for a dead worker."""
+        every = max(0.2, self.claim_idle_s / 3)
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.jobs.queue.touch(self.name, list(held))
+            except StoreError as exc:
+                log.warning("could not refresh the claim on %d batch item(s): %s", len(held), exc)
 
     async def _item(self, entry: Entry) -> BatchItem | None:
         items = self._items.get(entry.batch_id)
@@ -119,7 +141,7 @@ class BatchWorker:
             self._items[entry.batch_id] = items
         return items.get(entry.custom_id)
 
-    async def _one(self, entry: Entry) -> None:
+    async def _one(self, entry: Entry, caller: ChatCaller) -> None:
         jobs = self.jobs
         status = await jobs.status(entry.batch_id)
         item = await self._item(entry) if status is not None else None
@@ -127,15 +149,15 @@ class BatchWorker:
             await jobs.queue.ack([entry])  # the batch (or its input) is gone: nothing to do
             return
         request_id = f"batch-{uuid.uuid4().hex[:16]}"
-        if status in ("cancelling", "cancelled"):
+        if status in ("cancelling", "cancelled", "expiring", "expired"):
             await jobs.record(entry.batch_id, item, 0, {}, request_id, skipped=True)
         elif not await jobs.has_result(entry.batch_id, item.custom_id):
-            code, body = await self.execute(item, request_id)
+            code, body = await self.execute(item, request_id, caller)
             for delay in RETRY_DELAYS_S:
                 if code not in RETRY_STATUSES:
                     break
                 await asyncio.sleep(delay)
-                code, body = await self.execute(item, request_id)
+                code, body = await self.execute(item, request_id, caller)
             await jobs.record(entry.batch_id, item, code, body, request_id)
             self.processed += 1
         await jobs.queue.ack([entry])

@@ -13,7 +13,10 @@ Contract:
 - A non-streaming call longer than ``timeouts.total_s`` is a 504 and is not retried
   (streams are bounded by ``read_s`` between chunks instead).
 - Concurrency per backend is bounded (``backends.X.max_concurrency``); a stream
-  holds its slot until it is closed.
+  holds its slot until it is closed. When a backend is full, waiting calls queue
+  per model and go out in an adapter-aware order (``coe.dispatch.schedule``);
+  an adapter is loaded on demand once its call has a slot, evicting the least
+  recently used one when the server is full (``coe.dispatch.residency``).
 - Cancelling the awaiting task (client disconnect) closes the upstream
   connection, which makes vLLM abort the request.
 """
@@ -25,6 +28,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -33,6 +37,8 @@ from coe.backends.base import ChatStream
 from coe.backends.pool import BackendPool, BackendRuntime
 from coe.config import DispatchConfig, ExpertConfig
 from coe.dispatch.body import upstream_body
+from coe.dispatch.residency import Residency
+from coe.dispatch.schedule import BackendSchedule
 from coe.errors import BackendUnavailable, UpstreamError, UpstreamTimeout
 from coe.metrics import Metrics
 
@@ -67,7 +73,7 @@ class OpenedStream:
     call: ExpertCall
     chunks: AsyncIterator[dict[str, Any]]
     _stream: ChatStream
-    _release: asyncio.Semaphore
+    _release: Callable[[], None]
     _started: float
     _closed: bool = False
 
@@ -82,8 +88,55 @@ class OpenedStream:
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
-            self._release.release()
+            self._release()
             await self._stream.aclose()
+
+
+@dataclass
+class Lane:
+    """One backend's admission queue and adapter bookkeeping, rebuilt when the backend or config changes."""
+
+    backend: BackendRuntime
+    config: DispatchConfig
+    schedule: BackendSchedule
+    residency: Residency
+
+    @classmethod
+    def build(cls, backend: BackendRuntime, config: DispatchConfig, metrics: Metrics) -> Lane:
+        launch = backend.config.launch
+        max_loras = backend.config.max_loras
+        max_cpu = backend.config.max_cpu_loras
+        if launch is not None and launch.enables_lora():
+            max_loras = max_loras or launch.max_loras
+            max_cpu = max_cpu or launch.max_cpu_loras
+        residency = Residency(backend, capacity=max_cpu or max_loras, evict=config.evict_adapters, metrics=metrics)
+        schedule = BackendSchedule(capacity=backend.config.max_concurrency, max_loras=max_loras,
+                                   max_wait_s=config.max_wait_s, group=config.group_adapters, metrics=metrics,
+                                   resident=residency.is_hot)
+        residency.busy = lambda name: schedule.running.get(name, 0) > 0
+        return cls(backend, config, schedule, residency)
+
+    def key(self, expert: ExpertConfig) -> tuple[str, bool]:
+        """The model name the call is sent as, and whether that is an adapter."""
+        if expert.adapter is not None:
+            return expert.adapter.name, True
+        if self.backend.base_adapter:
+            return self.backend.base_adapter, True
+        return expert.upstream_model, False
+
+    async def acquire(self, expert: ExpertConfig) -> Callable[[], None]:
+        """A slot for one call to ``expert``; returns the function that frees it."""
+        key, adapter = self.key(expert)
+        await self.schedule.acquire(key, expert=expert.name, adapter=adapter)
+        return functools.partial(self.schedule.release, key)
+
+    @asynccontextmanager
+    async def slot(self, expert: ExpertConfig) -> AsyncIterator[None]:
+        release = await self.acquire(expert)
+        try:
+            yield
+        finally:
+            release()
 
 
 class Dispatcher:
@@ -91,14 +144,17 @@ class Dispatcher:
         self.pool = pool
         self.config = config
         self.metrics = metrics
+        self._lanes: dict[str, Lane] = {}
+
+    def lane(self, backend: BackendRuntime) -> Lane:
+        lane = self._lanes.get(backend.name)
+        if lane is None or lane.backend is not backend or lane.config is not self.config:
+            lane = self._lanes[backend.name] = Lane.build(backend, self.config, self.metrics)
+        return lane
 
     async def ensure_adapter(self, expert: ExpertConfig) -> None:
         """Load the expert's adapter into its backend (a no-op when already there)."""
-        if expert.adapter is None or expert.adapter.path is None:
-            return
-        backend = self.pool.get(expert.backend)
-        async with backend.adapter_lock(expert.adapter.name):
-            await backend.api.load_adapter(expert.adapter.name, expert.adapter.path)
+        await self.lane(self.pool.get(expert.backend)).residency.ensure(expert)
 
     def _usable(self, experts: Sequence[ExpertConfig]) -> list[tuple[ExpertConfig, BackendRuntime]]:
         out = []
@@ -140,7 +196,7 @@ class Dispatcher:
                 if exc.status == 404 and not reloaded and expert.adapter is not None and expert.adapter.path:
                     log.warning("backend %s lost adapter %s; reloading it", backend.name, expert.adapter.name)
                     reloaded = True
-                    await self.ensure_adapter(expert)
+                    await self.lane(backend).residency.reload(expert)
                     continue
                 if exc.status == 404:
                     raise UpstreamError(
@@ -158,8 +214,10 @@ class Dispatcher:
             started = time.perf_counter()
             payload = upstream_body(expert, body, base_adapter=backend.base_adapter)
             total_s = backend.config.timeouts.total_s
+            lane = self.lane(backend)
             try:
-                async with backend.limit, asyncio.timeout(total_s):
+                async with asyncio.timeout(total_s), lane.slot(expert):
+                    await lane.residency.ensure(expert)
                     result = await self._attempts(
                         expert, backend, call, functools.partial(backend.api.chat, payload, request_id=request_id))
             except TimeoutError as exc:
@@ -194,23 +252,25 @@ class Dispatcher:
             call = ExpertCall(expert.name, skipped=list(skipped))
             started = time.perf_counter()
             payload = upstream_body(expert, body, stream=True, base_adapter=backend.base_adapter)
-            await backend.limit.acquire()
+            lane = self.lane(backend)
+            release = await lane.acquire(expert)
             try:
+                await lane.residency.ensure(expert)
                 stream = await self._attempts(
                     expert, backend, call,
                     functools.partial(backend.api.open_chat_stream, payload, request_id=request_id))
             except BackendUnavailable as exc:
-                backend.limit.release()
+                release()
                 self.metrics.expert_calls.labels(expert.name, "unavailable").inc()
                 last, skipped = exc, [*skipped, expert.name]
                 continue
             except BaseException:
-                backend.limit.release()
+                release()
                 self.metrics.expert_calls.labels(expert.name, "error").inc()
                 raise
             self.metrics.expert_calls.labels(expert.name, "ok").inc()
             if skipped:
                 self.metrics.fallbacks.labels(expert.name).inc()
-            return OpenedStream(expert, call, stream.chunks(), stream, backend.limit, started)
+            return OpenedStream(expert, call, stream.chunks(), stream, release, started)
         raise BackendUnavailable(f"every candidate expert failed ({', '.join(skipped)}): {last}",
                                  retry_after=last.retry_after if last else 5)

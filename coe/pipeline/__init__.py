@@ -17,7 +17,7 @@ from typing import Any
 from coe.config import ExpertConfig
 from coe.dispatch import Dispatcher
 from coe.pipeline.graph import build_graph
-from coe.pipeline.state import CallRecord, Context, Options, State
+from coe.pipeline.state import CallRecord, ChatCaller, Context, Options, State
 from coe.rag.gate import GateDecision
 from coe.rag.live import LiveGate
 from coe.registry import Registry
@@ -39,9 +39,10 @@ class Pipeline:
         state: State = await self.graph.ainvoke({}, context=ctx, config={"recursion_limit": 64})
         return state
 
-    def context(self, registry: Registry, **kwargs: Any) -> Context:
+    def context(self, registry: Registry, *, dispatcher: ChatCaller | None = None, **kwargs: Any) -> Context:
         """A run context wired to this pipeline's retrieval, similarity and context-length lookups,
-        all reading the request's own registry snapshot."""
+        all reading the request's own registry snapshot. ``dispatcher`` replaces the pipeline's own for
+        the run's expert calls (a batch's stager)."""
         config = registry.config
 
         async def retrieve(query: str, category: str | None, force: bool | None) -> GateDecision:
@@ -51,7 +52,7 @@ class Pipeline:
             return config.pipeline.context_tokens or await self.max_model_len(expert)
 
         folder = config.rag.folder / config.rag.index if config.rag.folder is not None else None
-        return Context(registry=registry, dispatcher=self.dispatcher, retrieve=retrieve, rag_index=folder,
+        return Context(registry=registry, dispatcher=dispatcher or self.dispatcher, retrieve=retrieve, rag_index=folder,
                        similar=similar, context_tokens=context_tokens, **kwargs)
 
     async def max_model_len(self, expert: ExpertConfig) -> int:
@@ -77,4 +78,4 @@ def similar(texts: Sequence[str]) -> list[list[float]]:
     return [[float(x) for x in row] for row in vectors @ vectors.T]
 
 
-__all__ = ["CallRecord", "Context", "Options", "Pipeline", "State", "similar"]
+__all__ = ["CallRecord", "ChatCaller", "Context", "Options", "Pipeline", "State", "similar"]

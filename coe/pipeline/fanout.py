@@ -5,6 +5,9 @@ fails is recorded and skipped; one still running when the quorum is reached or
 the round's deadline passes is cancelled (closing the connection makes vLLM
 abort it) and recorded as ``late``. Cancelling the round (client disconnect)
 cancels every call in it.
+
+A staged batch run (``Context.staged``) has no round deadline: its calls wait for
+their wave, and that wait is not the experts' slowness.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ async def fan_out(ctx: Context, experts: list[ExpertConfig], messages: list[dict
     tasks = [asyncio.create_task(ctx.dispatcher.chat([e], body, request_id=ctx.request_id), name=f"coe-{e.name}")
              for e in experts]
     need = quorum_of(len(tasks), ctx.config.quorum)
-    deadline = started + ctx.config.expert_deadline_s
+    deadline = math.inf if ctx.staged else started + ctx.config.expert_deadline_s
     pending = set(tasks)
     answered = 0
     try:
@@ -48,7 +51,8 @@ async def fan_out(ctx: Context, experts: list[ExpertConfig], messages: list[dict
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break
-            done, pending = await asyncio.wait(pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            done, pending = await asyncio.wait(pending, timeout=None if math.isinf(remaining) else remaining,
+                                               return_when=asyncio.FIRST_COMPLETED)
             answered += sum(1 for t in done if t.exception() is None)
     finally:
         for task in pending:

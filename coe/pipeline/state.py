@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import operator
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any, Protocol, TypedDict
 
 from coe.aggregate import Agreement, Answer, Final
 from coe.aggregate.text import Similar
 from coe.config import ExpertConfig, PipelineConfig
-from coe.dispatch import Dispatcher
+from coe.dispatch import ExpertCall
 from coe.errors import CoeError
 from coe.metrics import Metrics
 from coe.rag.gate import GateDecision
@@ -33,6 +33,14 @@ class Options:
     """True: always retrieve; False: never; None: the gate decides."""
 
 
+class ChatCaller(Protocol):
+    """What the graph calls experts through: the app's ``Dispatcher``, or a batch's stager
+    (``coe.batch.stages``), which holds each call until its wave runs."""
+
+    async def chat(self, experts: Sequence[ExpertConfig], body: dict[str, Any], *,
+                   request_id: str) -> tuple[dict[str, Any], ExpertConfig, ExpertCall]: ...
+
+
 Retrieve = Callable[[str, "str | None", "bool | None"], Awaitable[GateDecision]]
 """(query, category, force) -> the gate's decision with its passages."""
 
@@ -40,7 +48,7 @@ Retrieve = Callable[[str, "str | None", "bool | None"], Awaitable[GateDecision]]
 @dataclass(frozen=True)
 class Context:
     registry: Registry
-    dispatcher: Dispatcher
+    dispatcher: ChatCaller
     metrics: Metrics
     messages: list[dict[str, Any]]
     params: dict[str, Any]
@@ -55,13 +63,18 @@ class Context:
     similar: Similar | None = None
     context_tokens: Callable[[ExpertConfig], Awaitable[int]] | None = None
     started: float = field(default_factory=time.perf_counter)
+    staged: bool = False
+    """A batch run whose calls wait for their wave: the time deadlines (``expert_deadline_s`` per round,
+    ``deadline_s`` for escalation) are off, since waiting is not the experts' time; the quorum still
+    ends a round, and each call is bounded by its backend's ``timeouts.total_s`` once it runs."""
 
     @property
     def config(self) -> PipelineConfig:
         return self.registry.config.pipeline
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.started
+        """Seconds counted against ``pipeline.deadline_s``: none in a staged run (see ``staged``)."""
+        return 0.0 if self.staged else time.perf_counter() - self.started
 
 
 @dataclass

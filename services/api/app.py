@@ -1,6 +1,7 @@
 """The app factory. Nothing happens at import time: ``create_app`` takes its parts
 as arguments (Starlette-style) and the lifespan loads the registry, opens the
-store, starts managed backends, and on shutdown drains and stops them.
+store, starts managed backends (not on-demand ones: batch waves bring those up),
+and on shutdown drains and stops them.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from coe.backends.pool import BackendPool, TransportFactory
 from coe.batch.jobs import BatchJobs
 from coe.batch.lines import BatchItem
 from coe.batch.queue import open_queue
+from coe.batch.stages import WaveRunner
 from coe.batch.worker import BatchWorker
 from coe.config import StoreConfig
 from coe.dispatch import Dispatcher
 from coe.loader import load_registry
 from coe.logs import request_id_var
 from coe.metrics import Metrics
-from coe.pipeline import Pipeline
+from coe.pipeline import ChatCaller, Pipeline
 from coe.registry import Registry, RegistryManager
 from coe.store import open_store
 from coe.store.base import StateStore
@@ -207,10 +209,12 @@ async def _batch_worker(state: AppState, cfg: StoreConfig, stop: asyncio.Event) 
 
     assert state.jobs is not None
 
-    async def run(item: BatchItem, request_id: str) -> tuple[int, dict[str, Any]]:
-        return await execute(state, item, request_id)
+    async def run(item: BatchItem, request_id: str, caller: ChatCaller) -> tuple[int, dict[str, Any]]:
+        return await execute(state, item, request_id, caller)
 
-    worker = BatchWorker(state.jobs, run, concurrency=cfg.worker_concurrency, claim_idle_s=cfg.claim_idle_s,
+    runner = WaveRunner(state.dispatcher, models=state.pool, metrics=state.metrics,
+                        concurrency=cfg.worker_concurrency)
+    worker = BatchWorker(state.jobs, run, runner, window=cfg.batch_window, claim_idle_s=cfg.claim_idle_s,
                          drain_s=10.0)
     try:
         await worker.run(stop)

@@ -39,11 +39,13 @@ async def create_batch(request: Request) -> dict[str, Any]:
     registry = state_of(request.app).registry.current
     models = {ROUTED_MODEL, *registry.experts}
     return await jobs_of(request).create_batch(body.input_file_id, body.endpoint, body.completion_window,
-                                               body.metadata, models, check_body)
+                                               body.metadata, models, check_body,
+                                               expiry_s=registry.config.store.batch_expiry_s)
 
 
 @router.get("/v1/batches/{batch_id}", responses=openai_responses(404))
 async def get_batch(batch_id: str, request: Request) -> dict[str, Any]:
+    """Reading a batch past its window ends it ``expired`` here, so no worker need be running."""
     return await jobs_of(request).get_batch(batch_id)
 
 

@@ -21,7 +21,7 @@ from coe import usage as usage_mod
 from coe.aggregate import FinalCall
 from coe.dispatch import ExpertCall
 from coe.errors import CoeError, InvalidRequest
-from coe.pipeline import CallRecord, Options, State
+from coe.pipeline import CallRecord, ChatCaller, Options, State
 from coe.pipeline.nodes import degrade
 from coe.pipeline.response import answered, calls_of, coe_field, completion, log_run, text_chunks
 from coe.registry import Registry
@@ -53,16 +53,18 @@ def options(body: ChatCompletionRequest, registry: Registry) -> Options:
 
 
 async def run_pipeline(state: AppState, registry: Registry, body: ChatCompletionRequest, request_id: str,
-                       session: str | None) -> tuple[State, dict[str, Any]]:
+                       session: str | None, staged: ChatCaller | None = None) -> tuple[State, dict[str, Any]]:
     """The graph's run for one request (the final stage left open when it streams), and the sampling
-    parameters every call of it used."""
+    parameters every call of it used. ``staged``: a batch's stager (``coe.batch.stages``) that holds
+    the expert calls for their wave; the run's time deadlines are then off (``Context.staged``)."""
     opts = options(body, registry)
     params = body.upstream()
     messages = params.pop("messages")
     for key in ("model", "stream", "stream_options"):
         params.pop(key, None)
     ctx = state.pipeline.context(registry, metrics=state.metrics, messages=messages, params=params,
-                                 request_id=request_id, options=opts, session=session, stream=body.stream)
+                                 request_id=request_id, options=opts, session=session, stream=body.stream,
+                                 dispatcher=staged, staged=staged is not None)
     return await state.pipeline.run(ctx), params
 
 

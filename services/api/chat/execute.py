@@ -3,7 +3,8 @@
 The same paths as ``POST /v1/chat/completions`` without streaming: a named
 expert through the dispatcher, ``model="coe"`` through the pipeline. Every
 failure becomes an HTTP status and an OpenAI error body, never an exception, so
-one bad item never stops a batch.
+one bad item never stops a batch. A batch passes its stager (``coe.batch.stages``)
+as ``staged`` so every expert call of the item waits for its wave.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pydantic import ValidationError
 from coe.batch.lines import BatchItem
 from coe.config import ROUTED_MODEL
 from coe.errors import CoeError
+from coe.pipeline import ChatCaller
 from coe.pipeline.response import completion, log_run
 from services.api.app import AppState
 from services.api.chat.composed import run_pipeline
@@ -35,16 +37,18 @@ def check_body(body: dict[str, Any]) -> str | None:
     return None
 
 
-async def execute(state: AppState, item: BatchItem, request_id: str) -> tuple[int, dict[str, Any]]:
+async def execute(state: AppState, item: BatchItem, request_id: str,
+                  staged: ChatCaller | None = None) -> tuple[int, dict[str, Any]]:
     try:
         body = ChatCompletionRequest.model_validate(item.body)
         registry = state.registry.current
         if body.model == ROUTED_MODEL:
-            run, _ = await run_pipeline(state, registry, body, request_id, session=None)
+            run, _ = await run_pipeline(state, registry, body, request_id, session=None, staged=staged)
             log_run(run, request_id)
             return 200, completion(run, request_id)
         expert, decision = direct(state, body)
-        result, expert, call = await state.dispatcher.chat([expert], body.upstream(), request_id=request_id)
+        caller: ChatCaller = staged or state.dispatcher
+        result, expert, call = await caller.chat([expert], body.upstream(), request_id=request_id)
         result["model"] = expert.name
         result["coe"] = coe_field(decision, [call], request_id)
         return 200, result

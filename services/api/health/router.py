@@ -22,7 +22,9 @@ async def live() -> dict[str, str]:
 async def ready(request: Request) -> JSONResponse:
     state = state_of(request.app)
     backends = {name: b.describe() for name, b in state.pool.all().items()}
-    healthy = any(b["state"] == "healthy" for b in backends.values())
+    online = [b for name, b in backends.items() if not state.pool.is_on_demand(name)]
+    # on-demand backends are down until batch work needs them: a server with only those is ready for batches
+    healthy = any(b["state"] == "healthy" for b in online) or (bool(backends) and not online)
     body: dict[str, Any] = {
         "status": "ready" if healthy and not state.draining else "not_ready",
         "registry": {"valid": True, "experts": len(state.registry.current.experts),
