@@ -22,6 +22,7 @@ from redis_server import RedisServer, redis_factory_fixture
 COE = [str(Path(sys.executable).parent / "coe")]
 TRIALS = 5
 ITEMS = 20
+READY = "coe worker: taking batch items"
 
 redis_factory = redis_factory_fixture()
 
@@ -41,6 +42,14 @@ def registry(server: Any, redis: RedisServer, tmp: Path) -> Path:
 
 def start_worker(config: Path, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen([*COE, "worker", "--config", str(config)], stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+
+def started(worker: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
+    """Wait for the worker's ready line, so a SIGTERM tests its graceful stop, not Python's start-up."""
+    deadline = time.monotonic() + timeout
+    while READY not in log.read_text(errors="replace"):
+        assert worker.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
+        time.sleep(0.1)
 
 
 async def finished(client: openai.AsyncOpenAI, batch_id: str, timeout: float = 120) -> Any:
@@ -74,7 +83,6 @@ async def test_sigkilled_worker_loses_and_duplicates_nothing(vllm_server: Any, r
     redis = redis_factory(appendonly=True)
     config = registry(vllm_server, redis, tmp_path)
     rng = random.Random(7)
-    log = tmp_path / "workers.log"
     async with running_coe(config) as coe:
         client = coe.client()
         for trial in range(TRIALS):
@@ -83,20 +91,23 @@ async def test_sigkilled_worker_loses_and_duplicates_nothing(vllm_server: Any, r
             batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                                 completion_window="24h")
             kill_after = rng.randrange(0, ITEMS - 2)
-            first = start_worker(config, log)
+            first_log = tmp_path / f"t{trial}-first.log"
+            first = start_worker(config, first_log)
             deadline = time.monotonic() + 60
             while True:  # SIGKILL at a random point: after `kill_after` results
                 counts = (await client.batches.retrieve(batch.id)).request_counts
                 assert counts is not None
                 if counts.completed + counts.failed >= kill_after:
                     break
-                assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+                assert first.poll() is None and time.monotonic() < deadline, first_log.read_text()[-2000:]
                 await asyncio.sleep(0.02)
             first.send_signal(signal.SIGKILL)
             first.wait()
+            log = tmp_path / f"t{trial}-second.log"
             second = start_worker(config, log)  # takes new items, and re-claims the dead one's after 2 s
             try:
                 done = await finished(client, batch.id)
+                await asyncio.to_thread(started, second, log)  # the first may have done it all before it is up
             finally:
                 second.send_signal(signal.SIGTERM)
                 assert second.wait(timeout=60) == 0

@@ -22,9 +22,15 @@ from coe.errors import InvalidRequest
 from coe.loader import load_registry
 
 
+def _stop_before_start(signum: int, frame: object) -> None:
+    """SIGTERM before the worker takes anything: nothing is held, so stop at once, cleanly (exit 0)."""
+    raise SystemExit(0)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from coe.logs import configure
 
+    signal.signal(signal.SIGTERM, _stop_before_start)  # until the event loop's handler replaces it in _work
     configure(args.log_level)
     cfg = load_registry(args.config)
     url = os.environ.get("COE_REDIS_URL") or cfg.store.redis_url
