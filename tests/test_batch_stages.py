@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from apphelpers import running_coe, tiny_registry, write_registry
 from redis_server import redis_factory_fixture
@@ -166,6 +167,41 @@ async def test_on_demand_models_load_once_per_expert(vllm_server: Any, tmp_path:
         assert managed["od-2"].state == "stopped" and managed["od-1"].state == "healthy"  # type: ignore[union-attr]
     for n in names:  # the processes really started once each: coe's own start marker in each log
         assert logs[n].read_text().count(f"starting vLLM '{n}'") == 1
+
+
+@pytest.mark.vllm
+async def test_on_demand_backend_that_cannot_start_fails_its_items_and_nothing_hangs(vllm_server: Any,
+                                                                                   tmp_path: Path) -> None:
+    """An operator's typo in ``launch.args``: the real vLLM exits at start-up. The server with only
+    on-demand backends is still ready; a batch's items for it end as 503 error lines naming the cause;
+    the pool holds nothing afterwards."""
+    log_file = tmp_path / "logs" / "od-bad.log"
+    reg = {
+        "backends": {"od-bad": {"launch": {"model": str(vllm_server.model_dir), "served_name": vllm_server.served_name,
+                                           "runtime_lora_updating": False, "on_demand": True, "max_restarts": 0,
+                                           "startup_timeout_s": 300, "args": ["--no-such-vllm-flag"],
+                                           "log_file": str(log_file)}}},
+        "experts": [{"name": "bad-x", "backend": "od-bad", "model": vllm_server.served_name}],
+        "auth": {"client_auth": False, "admin_auth": False},
+    }
+    config = write_registry(tmp_path / "experts.yaml", reg)
+    app = create_app(config, poll_interval_s=3600)
+    async with app.router.lifespan_context(app):
+        state = state_of(app)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://coe") as http:
+            ready = await http.get("/health/ready")
+        assert ready.status_code == 200 and ready.json()["status"] == "ready", ready.text
+        assert ready.json()["backends"]["od-bad"]["state"] == "stopped"
+        items = [item(f"b{i}", "bad-x", f"Question {i}?") for i in range(3)]
+        results, runner = await asyncio.wait_for(staged_run(state, items, tmp_path / "out.jsonl"), 300)
+        assert {cid: r["status_code"] for cid, r in results.items()} == {i.custom_id: 503 for i in items}, results
+        message = results["b0"]["body"]["error"]["message"]
+        assert "od-bad" in message and "exited during startup" in message, message
+        managed = state.pool.get("od-bad").managed
+        assert managed is not None and managed.spawns == 1  # one attempt for the whole group, not one per item
+        assert state.pool.resident is None and runner.stats.loads == []
+    assert "no-such-vllm-flag" in log_file.read_text()  # vLLM itself refused it
 
 
 @pytest.mark.parametrize("kind", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
