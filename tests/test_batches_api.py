@@ -126,6 +126,38 @@ async def test_cancel_skips_what_has_not_run(recorded: tuple[RunningCoe, Recordi
         await client.batches.cancel(batch.id)
 
 
+async def test_cancel_reaches_a_window_the_worker_is_running(recorded: tuple[RunningCoe, RecordingTransport]
+                                                               ) -> None:
+    """The worker took all 40 items in one window; a cancel once it is running stops further calls
+    within its status poll (0.5 s): only calls already sent finish, the rest are skipped."""
+    coe, transport = recorded
+    client = coe.client()
+    transport.delay_s["tiny-lora-1"] = 0.5
+    transport.clear()
+    try:
+        lines = [request(f"m-{i}", model="tiny-a1") for i in range(40)]
+        uploaded = await client.files.create(file=("m.jsonl", jsonl(lines)), purpose="batch")
+        batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                            completion_window="24h")
+        deadline = time.monotonic() + 120
+        while (counts := (await client.batches.retrieve(batch.id)).request_counts) is None or counts.completed < 4:
+            assert time.monotonic() < deadline, counts
+            await asyncio.sleep(0.05)
+        sent_at_cancel = len(transport.chats())
+        await client.batches.cancel(batch.id)
+        done = await wait_done(client, batch.id)
+    finally:
+        transport.delay_s.pop("tiny-lora-1")
+    sent = len(transport.chats())
+    assert done.status == "cancelled" and done.request_counts is not None
+    # 4 slots: the calls in flight at the cancel were counted; each slot may start ~one more before the poll
+    assert sent <= sent_at_cancel + 8 < 40, (sent_at_cancel, sent)
+    assert done.request_counts.completed == sent and done.request_counts.failed == 0
+    assert done.output_file_id and done.error_file_id is None
+    output = (await client.files.content(done.output_file_id)).text.splitlines()
+    assert len(output) == sent and all(json.loads(x)["response"]["status_code"] == 200 for x in output)
+
+
 async def test_file_delete(recorded: tuple[RunningCoe, RecordingTransport]) -> None:
     client = recorded[0].client()
     uploaded = await client.files.create(file=("d.jsonl", jsonl([request("d")])), purpose="batch")

@@ -23,6 +23,12 @@ whole-model experts: N loads). ``group=False`` runs each wave's calls in arrival
 order instead, bringing a model up at every switch: the baseline that
 ``bench/offline_models.py`` measures against. Pipelines of staged jobs run
 without time deadlines (``coe.pipeline.state.Context.staged``).
+
+A job can stop being wanted while it waits (its batch was cancelled or expired):
+``run(jobs, wanted=...)`` is asked right before each of its calls would go out,
+and an unwanted call fails with ``Conflict`` (code ``batch_stopped``) instead,
+so a cancel takes effect within a wave, not after the worker's whole window, and
+no model is brought up for calls nobody wants.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from coe.config import ExpertConfig
-from coe.errors import BackendUnavailable, CoeError
+from coe.errors import BackendUnavailable, CoeError, Conflict
 
 if TYPE_CHECKING:
     from coe.dispatch import ExpertCall
@@ -48,6 +54,8 @@ log = logging.getLogger("coe.batch")
 ChatResult = tuple[dict[str, Any], ExpertConfig, "ExpertCall"]
 Job = Callable[["ChatCaller"], Awaitable[None]]
 """One batch item: runs through the caller it is given and records its own result; never raises."""
+Wanted = Callable[[int], bool]
+"""Whether job ``i`` (its index in ``run``'s list) still wants its calls sent."""
 
 SETTLE_ROUNDS = 3
 """Event-loop turns a wave waits for, once every job seems parked, to see that none parks more."""
@@ -104,7 +112,8 @@ class _Parked:
 class _Stager:
     """One run's parked calls, and which jobs wait on one (every live job waiting = the wave can go)."""
 
-    def __init__(self, jobs: int) -> None:
+    def __init__(self, jobs: int, wanted: Wanted | None = None) -> None:
+        self.wanted = wanted
         self.parked: list[_Parked] = []
         self.waiting = [0] * jobs
         self.live = set(range(jobs))
@@ -135,6 +144,19 @@ class _Stager:
             assert result is not None
             call.future.set_result(result)
         self.release(call)
+
+    def drop_unwanted(self, calls: list[_Parked]) -> list[_Parked]:
+        """The calls still to send: answered ones left out, unwanted ones failed (``batch_stopped``)."""
+        keep = []
+        for call in calls:
+            if call.future.done():
+                continue
+            if self.wanted is not None and not self.wanted(call.job):
+                self.resolve(call, None, Conflict("the batch was cancelled or expired before this call ran",
+                                                  code="batch_stopped"))
+                continue
+            keep.append(call)
+        return keep
 
     def finished(self, job: int) -> None:
         self.live.discard(job)
@@ -192,11 +214,12 @@ class WaveRunner:
         if self.on_event is not None:
             self.on_event(text)
 
-    async def run(self, jobs: Sequence[Job]) -> None:
-        """Every job to its end; cancelling this cancels the jobs and their calls."""
+    async def run(self, jobs: Sequence[Job], *, wanted: Wanted | None = None) -> None:
+        """Every job to its end; cancelling this cancels the jobs and their calls. ``wanted(i)`` is
+        asked before each of job ``i``'s calls goes out (default: every call is sent)."""
         if not jobs:
             return
-        stager = _Stager(len(jobs))
+        stager = _Stager(len(jobs), wanted)
         tasks = [asyncio.create_task(self._job(stager, i, job), name=f"coe-batch-job-{i}")
                  for i, job in enumerate(jobs)]
         try:
@@ -273,7 +296,7 @@ class WaveRunner:
     async def _lane(self, stager: _Stager, groups: list[list[_Parked]], *, load: bool) -> None:
         """Groups one after another (on-demand ones each with its model brought up first)."""
         for calls in groups:
-            calls = [c for c in calls if not c.future.done()]
+            calls = stager.drop_unwanted(calls)  # before a model is brought up for them
             if not calls:
                 continue
             if load:
@@ -308,7 +331,7 @@ class WaveRunner:
 
         async def one(call: _Parked) -> None:
             async with slots:
-                if call.future.done():  # the job gave it up (its round reached the quorum)
+                if not stager.drop_unwanted([call]):  # answered (its round reached the quorum) or unwanted
                     return
                 task = asyncio.current_task()
                 assert task is not None

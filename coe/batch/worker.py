@@ -13,6 +13,10 @@
   loading, a long group), so while a chunk runs the worker refreshes its claim on
   the entries it still holds (``WorkQueue.touch``) every third of ``claim_idle_s``;
   only a worker that stopped refreshing loses its entries.
+- Cancel and expiry reach a chunk already running: the worker reads its
+  batches' statuses every ``watch_s`` and an item of a stopped batch sends no
+  further call (``WaveRunner.run(wanted=...)``); it is recorded as skipped,
+  unless it already has its answer. Calls in flight finish, as OpenAI's do.
 - When the queue is empty, the resident on-demand model is put down.
 - Stopping (SIGTERM) lets the chunk in flight finish for up to ``drain_s``, then
   releases what is left so another worker takes it at once.
@@ -40,6 +44,8 @@ log = logging.getLogger("coe.batch")
 
 RETRY_STATUSES = frozenset({502, 503, 504})
 RETRY_DELAYS_S = (1.0, 3.0)
+STOPPED = frozenset({"cancelling", "cancelled", "expiring", "expired"})
+"""Batch statuses whose unrun items are skipped."""
 
 
 def consumer_name() -> str:
@@ -48,7 +54,8 @@ def consumer_name() -> str:
 
 class BatchWorker:
     def __init__(self, jobs: BatchJobs, execute: Execute, runner: WaveRunner, *, name: str | None = None,
-                 window: int = 1000, claim_idle_s: float = 30.0, block_s: float = 1.0, drain_s: float = 30.0) -> None:
+                 window: int = 1000, claim_idle_s: float = 30.0, block_s: float = 1.0, drain_s: float = 30.0,
+                 watch_s: float = 0.5) -> None:
         self.jobs = jobs
         self.execute = execute
         self.runner = runner
@@ -57,6 +64,7 @@ class BatchWorker:
         self.claim_idle_s = claim_idle_s
         self.block_s = block_s
         self.drain_s = drain_s
+        self.watch_s = watch_s
         self.processed = 0
         self._items: dict[str, dict[str, BatchItem]] = {}
 
@@ -96,7 +104,10 @@ class BatchWorker:
                 held.pop(entry, None)
             return run
 
-        work = asyncio.create_task(self.runner.run([job(e) for e in entries]))
+        statuses: dict[str, str | None] = {}
+        watch = asyncio.create_task(self._watch({e.batch_id for e in entries}, statuses))
+        work = asyncio.create_task(self.runner.run(
+            [job(e) for e in entries], wanted=lambda i: statuses.get(entries[i].batch_id) not in STOPPED))
         heartbeat = asyncio.create_task(self._heartbeat(held))
         stopping = asyncio.create_task(stop.wait())
         try:
@@ -110,7 +121,8 @@ class BatchWorker:
                 work.cancel()
             results = await asyncio.gather(work, return_exceptions=True)
             heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+            watch.cancel()
+            await asyncio.gather(heartbeat, watch, return_exceptions=True)
             if isinstance(results[0], Exception):
                 log.error("batch wave failed in the worker itself", exc_info=results[0])
             if held and stop.is_set():  # not started or cut short: to the next taker at once
@@ -127,6 +139,17 @@ class BatchWorker:
                 await self.jobs.queue.touch(self.name, list(held))
             except StoreError as exc:
                 log.warning("could not refresh the claim on %d batch item(s): %s", len(held), exc)
+
+    async def _watch(self, batch_ids: set[str], statuses: dict[str, str | None]) -> None:
+        """Keep ``statuses`` current for the chunk's batches (a cancel or expiry stops their calls)."""
+        while True:
+            for batch_id in batch_ids:
+                with contextlib.suppress(StoreError):
+                    statuses[batch_id] = await self.jobs.status(batch_id)
+            await asyncio.sleep(self.watch_s)
+
+    async def _stopped(self, batch_id: str) -> bool:
+        return await self.jobs.status(batch_id) in STOPPED
 
     async def _item(self, entry: Entry) -> BatchItem | None:
         items = self._items.get(entry.batch_id)
@@ -149,16 +172,19 @@ class BatchWorker:
             await jobs.queue.ack([entry])  # the batch (or its input) is gone: nothing to do
             return
         request_id = f"batch-{uuid.uuid4().hex[:16]}"
-        if status in ("cancelling", "cancelled", "expiring", "expired"):
+        if status in STOPPED:
             await jobs.record(entry.batch_id, item, 0, {}, request_id, skipped=True)
         elif not await jobs.has_result(entry.batch_id, item.custom_id):
             code, body = await self.execute(item, request_id, caller)
             for delay in RETRY_DELAYS_S:
-                if code not in RETRY_STATUSES:
+                if code not in RETRY_STATUSES or await self._stopped(entry.batch_id):
                     break
                 await asyncio.sleep(delay)
                 code, body = await self.execute(item, request_id, caller)
-            await jobs.record(entry.batch_id, item, code, body, request_id)
-            self.processed += 1
+            # an item that failed once its batch stopped was (most likely) refused its calls: skipped
+            skipped = not 200 <= code < 300 and await self._stopped(entry.batch_id)
+            await jobs.record(entry.batch_id, item, 0 if skipped else code, {} if skipped else body, request_id,
+                              skipped=skipped)
+            self.processed += 0 if skipped else 1
         await jobs.queue.ack([entry])
         await jobs.maybe_finalize(entry.batch_id)
