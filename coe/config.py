@@ -336,7 +336,8 @@ class StoreConfig(Strict):
     redis_url: str | None = Field(None, description="default: in memory (COE_REDIS_URL overrides)")
     prefix: str = "coe"
     claim_idle_s: float = Field(
-        30.0, gt=0, le=3600, description="a batch item a worker has held this long without finishing is re-claimed")
+        30.0, gt=0, le=3600, description="a batch item a worker has held this long without finishing is re-claimed; "
+        "also how long a cancel waits for a worker before a read ends the batch")
     worker_concurrency: int = Field(8, ge=1, le=1024, description="expert calls one worker sends a backend at once")
     batch_window: int = Field(
         1000, ge=1, le=10000, description="batch items a worker takes at once and runs in waves grouped by expert")

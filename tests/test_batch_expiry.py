@@ -137,6 +137,31 @@ async def test_expiring_batch_cannot_be_cancelled_it_ends_expired(make_jobs: Mak
     assert (await jobs.get_batch(bid))["request_counts"] == {"total": 3, "completed": 1, "failed": 0}
 
 
+async def test_a_cancel_no_worker_takes_up_ends_on_a_read_after_the_grace(make_jobs: MakeJobs) -> None:
+    """No worker runs (or all are busy): a cancelling batch is swept and ends ``cancelled`` on the
+    first read past ``cancel_grace_s``, by any number of readers at once, keeping what ran."""
+    jobs = make_jobs()
+    jobs.cancel_grace_s = 1.0
+    bid, items = await new_batch(jobs, 5, "g", expiry_s=3600)
+    assert await jobs.record(bid, items[0], 200, OK_BODY, "r0")  # ran before the cancel
+    assert (await jobs.cancel_batch(bid))["status"] == "cancelling"
+    assert (await jobs.get_batch(bid))["status"] == "cancelling"  # within the grace a worker may still come
+    await asyncio.sleep(1.2)
+    readers = [make_jobs() for _ in range(3)]
+    for reader in readers:
+        reader.cancel_grace_s = 1.0
+    ended = await asyncio.gather(*(r.get_batch(bid) for r in readers))
+    for batch in ended:
+        assert batch["status"] == "cancelled" and batch["cancelled_at"] is not None, batch
+        assert batch["request_counts"] == {"total": 5, "completed": 1, "failed": 0}
+        assert batch["output_file_id"] == ended[0]["output_file_id"]
+    assert await output_ids(jobs, ended[0]["output_file_id"]) == ["g-0"]
+    assert not await jobs.record(bid, items[1], 200, OK_BODY, "late")  # a worker coming late counts nothing
+    assert await jobs.status(bid) == "cancelled"
+    with pytest.raises(Conflict, match="cancelled"):
+        await jobs.cancel_batch(bid)
+
+
 async def test_expiring_batch_without_its_input_file_still_reads(make_jobs: MakeJobs) -> None:
     jobs = make_jobs()
     bid, items = await new_batch(jobs, 2, "d", expiry_s=1.0)

@@ -17,6 +17,12 @@ without a result as skipped (first-wins, so any number of readers and workers
 may do it at once) and finalizes it ``expired``, keeping the results it has.
 As for ``cancelled``, skipped items count as neither completed nor failed.
 
+Cancel: workers skip a cancelling batch's items as they come to them. So that a
+cancel also ends when no worker comes (none running, or all busy with other
+windows), reading a batch that has been cancelling for ``cancel_grace_s`` sweeps
+it the same way and ends it ``cancelled``. A call still running after the grace
+(longer than ``claim_idle_s`` by default) then loses its result to the skip.
+
 Acceptance order, so that a crash never loses an accepted batch: the batch
 record is written (``enqueued: false``), then its queue entries, then
 ``enqueued: true``, then the client hears 200. ``recover`` re-enqueues any batch
@@ -57,10 +63,12 @@ def _skipped(bid: str) -> str:
 
 
 class BatchJobs:
-    def __init__(self, store: StateStore, queue: WorkQueue, *, max_file_bytes: int = 200 * 1024 * 1024) -> None:
+    def __init__(self, store: StateStore, queue: WorkQueue, *, max_file_bytes: int = 200 * 1024 * 1024,
+                 cancel_grace_s: float = 30.0) -> None:
         self.store = store
         self.queue = queue
         self.max_file_bytes = max_file_bytes
+        self.cancel_grace_s = cancel_grace_s
 
     # -- files -------------------------------------------------------------------------
 
@@ -150,14 +158,20 @@ class BatchJobs:
         """In progress past its window (a cancelling batch ends cancelled instead)."""
         return batch["status"] == "in_progress" and time.time() > float(batch["expires_at"])
 
+    def _overdue_cancel(self, batch: dict[str, Any]) -> bool:
+        """Cancelling for longer than the grace: no worker skipped its items (see the module docstring)."""
+        return (batch["status"] == "cancelling"
+                and time.time() > float(batch["cancelling_at"] or 0) + self.cancel_grace_s)
+
     async def expire(self, batch_id: str) -> bool:
-        """End an expiring batch now: skip every item without a result, then finalize it ``expired``.
+        """End an expiring batch (or an overdue cancel) now: skip every item without a result, then
+        finalize it ``expired`` (``cancelled``).
 
         Safe to run from any number of readers and workers at once: skips are
         first-wins records, and finalizing is deterministic.
         """
         batch = await self._batch(batch_id)
-        if not self._expiring(batch):
+        if not (self._expiring(batch) or self._overdue_cancel(batch)):
             return False
         done = await self.store.items(_results(batch_id))
         try:
@@ -171,9 +185,10 @@ class BatchJobs:
         return await self.maybe_finalize(batch_id)
 
     async def get_batch(self, batch_id: str) -> dict[str, Any]:
-        """The batch as OpenAI shows it, with live request counts; an expiring batch is ended first."""
+        """The batch as OpenAI shows it, with live request counts; an expiring batch (or an overdue
+        cancel) is ended first."""
         batch = await self._batch(batch_id)
-        if self._expiring(batch):
+        if self._expiring(batch) or self._overdue_cancel(batch):
             await self.expire(batch_id)
             batch = await self._batch(batch_id)
         if batch["status"] not in TERMINAL:

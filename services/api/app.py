@@ -147,7 +147,8 @@ def create_app(
                             "restart (set store.redis_url or COE_REDIS_URL for durable state)")
             overlay_task = asyncio.create_task(_load_overlay_when_ready(manager, pool))
             queue = open_queue(initial.store, durable_store=state_store.durable)
-            state.jobs = BatchJobs(state_store, queue, max_file_bytes=initial.store.max_file_bytes)
+            state.jobs = BatchJobs(state_store, queue, max_file_bytes=initial.store.max_file_bytes,
+                                   cancel_grace_s=initial.store.claim_idle_s)
             if not queue.durable:
                 log.warning("batch jobs are in memory: accepted batches do not survive a restart "
                             "(set store.redis_url or COE_REDIS_URL for durable batches)")
