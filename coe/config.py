@@ -95,7 +95,7 @@ class BackendConfig(Strict):
     max_concurrency: int = Field(256, ge=1, description="requests in flight to this server at once")
     max_loras: int | None = Field(
         None, ge=1, description="adapters the server runs in one batch (its --max-loras); managed backends "
-        "default to launch.max_loras, remote ones to no adapter grouping")
+        "default to launch.max_loras, remote ones to what the server reports in /metrics once it is full")
     max_cpu_loras: int | None = Field(
         None, ge=1, description="adapters the server keeps loaded (its --max-cpu-loras); default: max_loras")
     base_adapter: str | None = Field(

@@ -129,3 +129,26 @@ async def test_a_full_backend_sends_waiting_calls_grouped_by_adapter(vllm_server
         assert switches(order) <= 2, order
     else:
         assert switches(order) >= 8, order
+
+
+async def test_a_remote_servers_max_loras_is_read_from_its_metrics_once_it_is_full(vllm_server: Any,
+                                                                                   pool: Any) -> None:
+    """No ``max_loras`` in the config of a remote backend: coe reads vLLM's own gauge
+    (``vllm:lora_requests_info{max_lora=...}`` in ``/metrics``) when the backend fills up, for the
+    grouped order (tested above with a configured ``max_loras``)."""
+    bpool, _ = pool
+    dispatcher = await make(bpool, vllm_server, max_concurrency=1)
+    lane = dispatcher.lane(bpool.get("tiny"))
+    assert lane.probe and lane.schedule.max_loras is None
+    e0 = ExpertConfig(name="a0", backend="tiny", model=vllm_server.served_name, adapter=Adapter(name="tiny-lora-0"))
+    e1 = ExpertConfig(name="a1", backend="tiny", model=vllm_server.served_name, adapter=Adapter(name="tiny-lora-1"))
+    await dispatcher.chat([e0], ASK, request_id="p0")  # one scheduled request: vLLM's gauge exists from now on
+    assert lane.schedule.max_loras is None  # never full yet: nothing read
+    await asyncio.gather(*(dispatcher.chat([(e0, e1)[i % 2]], ASK, request_id=f"p{i}") for i in range(1, 4)))
+    for _ in range(100):
+        if lane.schedule.max_loras is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert lane.schedule.max_loras == vllm_server.managed.cfg.max_loras == 2 and not lane.probe
+    grouped = Dispatcher(bpool, DispatchConfig(retries=0, group_adapters=False), Metrics()).lane(bpool.get("tiny"))
+    assert not grouped.probe  # grouping off: nothing to read

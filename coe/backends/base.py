@@ -53,6 +53,10 @@ class ExpertBackend(ABC):
     async def health(self) -> bool:
         """True when the server answers its health check."""
 
+    async def max_loras(self) -> int | None:
+        """How many adapters the server runs in one batch, when it says so (None: unknown)."""
+        return None
+
     @abstractmethod
     async def aclose(self) -> None:
         """Release connections."""

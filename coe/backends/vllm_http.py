@@ -7,6 +7,7 @@ mapped here, at the boundary, onto coe's two failure kinds.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ import orjson
 from coe.backends.base import ChatStream, ExpertBackend
 from coe.config import Timeouts
 from coe.errors import BackendUnavailable, UpstreamError
+
+_MAX_LORA = re.compile(r'^vllm:lora_requests_info\{[^}]*\bmax_lora="(\d+)"', re.MULTILINE)
+"""vLLM's LoRA gauge in ``/metrics``; it appears once the server has scheduled a request."""
 
 
 def make_client(base_url: str, timeouts: Timeouts, api_key: str | None = None,
@@ -166,6 +170,14 @@ class VLLMBackend(ExpertBackend):
         except (httpx.TransportError, httpx.TimeoutException):
             return False
         return response.status_code == 200
+
+    async def max_loras(self) -> int | None:
+        try:
+            response = await self.client.get("/metrics", timeout=2.0)
+        except (httpx.TransportError, httpx.TimeoutException):
+            return None
+        match = _MAX_LORA.search(response.text) if response.status_code == 200 else None
+        return int(match.group(1)) if match else None
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -17,6 +17,8 @@ Contract:
   per model and go out in an adapter-aware order (``coe.dispatch.schedule``);
   an adapter is loaded on demand once its call has a slot, evicting the least
   recently used one when the server is full (``coe.dispatch.residency``).
+  The server's ``max_loras`` comes from the backend's config, else its launch,
+  else (a remote vLLM) its ``/metrics``, read when the backend first fills up.
 - Cancelling the awaiting task (client disconnect) closes the upstream
   connection, which makes vLLM abort the request.
 """
@@ -47,6 +49,8 @@ log = logging.getLogger("coe.dispatch")
 T = TypeVar("T")
 
 DOWN_STATES = frozenset({"unhealthy", "crashed", "failed", "stopped", "starting"})
+PROBE_EVERY_S = 30.0
+"""Seconds between reads of a full backend's ``/metrics`` while its ``max_loras`` is unknown."""
 
 
 @dataclass
@@ -100,6 +104,10 @@ class Lane:
     config: DispatchConfig
     schedule: BackendSchedule
     residency: Residency
+    probe: bool = False
+    """Whether ``max_loras`` is still to be read from the server (grouping on, capacity not configured)."""
+    _probe_task: asyncio.Task[None] | None = None
+    _probed_at: float = float("-inf")
 
     @classmethod
     def build(cls, backend: BackendRuntime, config: DispatchConfig, metrics: Metrics) -> Lane:
@@ -114,7 +122,24 @@ class Lane:
                                    max_wait_s=config.max_wait_s, group=config.group_adapters, metrics=metrics,
                                    resident=residency.is_hot)
         residency.busy = lambda name: schedule.running.get(name, 0) > 0
-        return cls(backend, config, schedule, residency)
+        return cls(backend, config, schedule, residency, probe=config.group_adapters and max_loras is None)
+
+    def _probe_capacity(self) -> None:
+        """Read the server's ``max_loras`` in the background (at most every ``PROBE_EVERY_S``): only a
+        full backend needs it, and vLLM reports it only once it has scheduled requests."""
+        now = time.monotonic()
+        if (self._probe_task is not None and not self._probe_task.done()) or now - self._probed_at < PROBE_EVERY_S:
+            return
+        self._probed_at = now
+        self._probe_task = asyncio.create_task(self._read_capacity(), name=f"coe-probe-{self.backend.name}")
+
+    async def _read_capacity(self) -> None:
+        found = await self.backend.api.max_loras()
+        if found is not None and self.probe:
+            self.probe = False
+            self.schedule.max_loras = found
+            log.info("backend %s reports max_loras=%d: waiting calls now go out grouped by adapter",
+                     self.backend.name, found)
 
     def key(self, expert: ExpertConfig) -> tuple[str, bool]:
         """The model name the call is sent as, and whether that is an adapter."""
@@ -127,6 +152,8 @@ class Lane:
     async def acquire(self, expert: ExpertConfig) -> Callable[[], None]:
         """A slot for one call to ``expert``; returns the function that frees it."""
         key, adapter = self.key(expert)
+        if self.probe and self.schedule.in_flight >= self.schedule.capacity:
+            self._probe_capacity()
         await self.schedule.acquire(key, expert=expert.name, adapter=adapter)
         return functools.partial(self.schedule.release, key)
 
