@@ -349,7 +349,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--items", type=int, default=50, help="requests per batch")
     p.add_argument("--idle-s", type=float, default=2.0, help="store.claim_idle_s: when a dead worker's items "
                    "are re-claimed")
-    p.add_argument("--concurrency", type=int, default=2, help="store.worker_concurrency (items a worker holds)")
+    p.add_argument("--concurrency", type=int, default=2,
+                   help="store.worker_concurrency (calls a worker sends a backend at once, per wave)")
     p.add_argument("--kill-window-s", type=float, default=None,
                    help="kill delays are drawn from U(0, this) (default: a calibration run's time)")
     p.add_argument("--trial-timeout-s", type=float, default=300.0)
