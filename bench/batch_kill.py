@@ -60,7 +60,7 @@ import openai  # noqa: E402
 import redis  # noqa: E402
 from apphelpers import running_coe, tiny_registry, write_registry  # noqa: E402
 from conftest import LOADED_ADAPTERS, VLLM_ARGS, VLLM_STARTUP_TIMEOUT_S, VllmServer  # noqa: E402
-from meta import git_state, versions  # noqa: E402
+from meta import git_state, pct, versions  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
 
 COE = str(Path(sys.executable).parent / "coe")
@@ -88,16 +88,6 @@ class Trial:
     ok: bool = False
     problem: str | None = None
     worker_b_exit: int | None = None
-
-
-def pct(sorted_xs: list[float], q: float) -> float:
-    """Percentile ``q`` (0..100) by linear interpolation (numpy's default)."""
-    if not sorted_xs:
-        return float("nan")
-    pos = (len(sorted_xs) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_xs) - 1)
-    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
 
 
 def batch_input(n: int, tag: str) -> bytes:

@@ -1,4 +1,5 @@
-"""What every results file records about the run: package versions and the git state it measured.
+"""What every results file records about the run (package versions, the git state it measured), and
+a percentile helper the benches share.
 
 Imported by the bench scripts (``bench/`` is on ``sys.path`` when one runs as a script).
 """
@@ -32,3 +33,14 @@ def git_state() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return ""
     return {"commit": git("rev-parse", "HEAD"), "dirty_files": len(git("status", "--porcelain").splitlines())}
+
+
+def pct(sorted_xs: list[float], q: float) -> float:
+    """Percentile ``q`` (0..100) of sorted values, by linear interpolation between closest ranks (numpy's
+    default)."""
+    if not sorted_xs:
+        return float("nan")
+    pos = (len(sorted_xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)

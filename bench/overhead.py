@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from meta import git_state, versions
+from meta import git_state, pct, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -76,16 +76,6 @@ uvicorn.run(create_stub_app(), host="127.0.0.1", port=int(sys.argv[1]), log_leve
 
 
 # ---------------------------------------------------------------- statistics
-
-def pct(sorted_xs: list[float], q: float) -> float:
-    """Percentile ``q`` (0..100) by linear interpolation between closest ranks (numpy's default)."""
-    if not sorted_xs:
-        return float("nan")
-    pos = (len(sorted_xs) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_xs) - 1)
-    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
-
 
 def summary(xs: list[float]) -> dict[str, float]:
     s = sorted(xs)
