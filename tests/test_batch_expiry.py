@@ -184,7 +184,7 @@ async def test_readers_and_workers_ending_it_at_once_agree(make_jobs: MakeJobs) 
     outcomes = await asyncio.gather(
         *(r.get_batch(bid) for r in readers),
         *(readers[k % 4].record(bid, item, 200, OK_BODY, f"r{k}") for k, item in enumerate(late)),
-        *(r.expire(bid) for r in readers))
+        *(r.end_overdue(bid) for r in readers))
     seen, counted = outcomes[:4], outcomes[4:4 + len(late)]
     assert [b["status"] for b in seen] == ["expired"] * 4
     final = await readers[1].get_batch(bid)

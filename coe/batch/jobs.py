@@ -163,7 +163,7 @@ class BatchJobs:
         return (batch["status"] == "cancelling"
                 and time.time() > float(batch["cancelling_at"] or 0) + self.cancel_grace_s)
 
-    async def expire(self, batch_id: str) -> bool:
+    async def end_overdue(self, batch_id: str) -> bool:
         """End an expiring batch (or an overdue cancel) now: skip every item without a result, then
         finalize it ``expired`` (``cancelled``).
 
@@ -189,7 +189,7 @@ class BatchJobs:
         cancel) is ended first."""
         batch = await self._batch(batch_id)
         if self._expiring(batch) or self._overdue_cancel(batch):
-            await self.expire(batch_id)
+            await self.end_overdue(batch_id)
             batch = await self._batch(batch_id)
         if batch["status"] not in TERMINAL:
             if self._expiring(batch):  # its input file is gone, so there was nothing to sweep
@@ -211,7 +211,7 @@ class BatchJobs:
         return [await self.get_batch(b["id"]) for b in page], len(ids) > limit
 
     async def cancel_batch(self, batch_id: str) -> dict[str, Any]:
-        await self.expire(batch_id)  # past its window it ends expired, and cannot be cancelled
+        await self.end_overdue(batch_id)  # past its window it ends expired, and cannot be cancelled
         batch = await self._batch(batch_id)
         if batch["status"] in TERMINAL:
             raise Conflict(f"batch {batch_id} is already {batch['status']}")
