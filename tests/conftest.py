@@ -32,6 +32,15 @@ sooner but serves concurrent requests ~30x slower); start-up is mostly three pro
 VLLM_STARTUP_TIMEOUT_S = 300.0
 
 
+@pytest.fixture(scope="session", autouse=True)
+def on_demand_lock(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This session's own machine-wide on-demand lock (``coe.backends.machine_lock``), inherited by the
+    coe processes the tests start, so two test runs on one machine do not wait for each other."""
+    path = tmp_path_factory.mktemp("locks") / "on-demand.lock"
+    os.environ["COE_ON_DEMAND_LOCK"] = str(path)
+    return path
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--no-vllm",

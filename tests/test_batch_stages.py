@@ -23,9 +23,12 @@ import pytest
 from apphelpers import running_coe, tiny_registry, write_registry
 from redis_server import redis_factory_fixture
 
+from coe.backends.machine_lock import MachineLock
+from coe.backends.pool import BackendPool
 from coe.batch import BatchItem, run_batch
 from coe.batch.queue import MemoryQueue, RedisStreamQueue, WorkQueue
 from coe.batch.stages import WaveRunner
+from coe.config import BackendConfig, LaunchConfig
 from coe.pipeline import ChatCaller
 from coe.testing.recording import Exchange, RecordingTransport
 from services.api import create_app
@@ -202,6 +205,38 @@ async def test_on_demand_backend_that_cannot_start_fails_its_items_and_nothing_h
         assert managed is not None and managed.spawns == 1  # one attempt for the whole group, not one per item
         assert state.pool.resident is None and runner.stats.loads == []
     assert "no-such-vllm-flag" in log_file.read_text()  # vLLM itself refused it
+
+
+@pytest.mark.vllm
+async def test_on_demand_models_are_one_up_per_machine_across_processes(vllm_server: Any, tmp_path: Path) -> None:
+    """Two pools stand for two coe processes (an API server's embedded worker and a ``coe worker``):
+    separate opens of the lock file conflict as separate processes do. The second waits, without
+    starting its model, until the first puts its model down."""
+    lock = tmp_path / "on-demand.lock"
+    pools = [BackendPool(on_demand_lock=lock), BackendPool(on_demand_lock=lock)]
+    names = ["od-a", "od-b"]
+    try:
+        for pool, name in zip(pools, names, strict=True):
+            await pool.reconcile({name: BackendConfig(launch=LaunchConfig(
+                model=vllm_server.model_dir, served_name=vllm_server.served_name, runtime_lora_updating=False,
+                on_demand=True, startup_timeout_s=300, args=["--dtype", "float32", "--max-model-len", "512"],
+                log_file=tmp_path / f"{name}.log"))})
+        assert await pools[0].bring_up("od-a") is True
+        second = asyncio.create_task(pools[1].bring_up("od-b"))
+        await asyncio.sleep(3)
+        b = pools[1].get("od-b").managed
+        assert b is not None and not second.done() and b.spawns == 0  # waiting, model not started
+        await pools[0].put_down()
+        assert await asyncio.wait_for(second, 300) is True
+        a = pools[0].get("od-a").managed
+        assert a is not None and a.state == "stopped" and b.state == "healthy" and b.spawns == 1
+        await pools[1].put_down()
+        free = MachineLock(lock)  # released again: taken at once
+        await asyncio.wait_for(free.acquire("test"), 5)
+        free.release()
+    finally:
+        for pool in pools:
+            await pool.aclose()
 
 
 @pytest.mark.parametrize("kind", ["memory", pytest.param("redis", marks=pytest.mark.redis)])

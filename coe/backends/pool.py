@@ -9,6 +9,8 @@ brings one up for its group of calls (``using``, which also keeps any other
 user from swapping it out meanwhile) and it stays up until another one is
 needed: at most one is up at a time, for models that cannot all be resident at
 once. While one is down, calls to it fail fast as for any stopped backend (503).
+One up at a time holds across the coe processes of a machine too
+(``coe.backends.machine_lock``).
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import os
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from coe.backends.base import ExpertBackend
 from coe.backends.launch import ManagedVLLM
+from coe.backends.machine_lock import MachineLock
 from coe.backends.vllm_http import VLLMBackend, make_client, server_root
 from coe.config import BackendConfig
 from coe.errors import BackendUnavailable, ConfigError
@@ -71,7 +75,7 @@ class BackendRuntime:
 
 class BackendPool:
     def __init__(self, *, transport_factory: TransportFactory | None = None, python: str = sys.executable,
-                 health_interval_s: float = 2.0) -> None:
+                 health_interval_s: float = 2.0, on_demand_lock: Path | None = None) -> None:
         self._transport_factory = transport_factory
         self._python = python
         self._health_interval_s = health_interval_s
@@ -80,6 +84,7 @@ class BackendPool:
         self._residency = asyncio.Lock()
         self._in_use = asyncio.Lock()
         self._resident: str | None = None
+        self._machine = MachineLock(on_demand_lock)
 
     def get(self, name: str) -> BackendRuntime:
         backend = self._backends.get(name)
@@ -170,9 +175,15 @@ class BackendPool:
                 await self._put_down(self._resident)
             loaded = backend.managed.state in ("stopped", "failed")
             if loaded:
+                await self._machine.acquire(f"on-demand backend {name}")
                 log.info("bringing up on-demand backend %s (log: %s)", name, backend.managed.log_file)
+                self._resident = name  # from here on, _put_down releases the machine lock
                 await backend.managed.stop()  # a failed one: reset, then start afresh
-                await backend.managed.start()
+                try:
+                    await backend.managed.start()
+                except BaseException:
+                    await self._put_down(name)
+                    raise
             self._resident = name
             try:
                 await backend.managed.wait_healthy()
@@ -204,6 +215,7 @@ class BackendPool:
             await backend.managed.stop()
         if self._resident == name:
             self._resident = None
+            self._machine.release()
 
     async def check_health(self) -> None:
         """Poll every remote backend once (managed ones are watched by their own monitor)."""
@@ -234,3 +246,5 @@ class BackendPool:
             self._health_task = None
         backends, self._backends = list(self._backends.values()), {}
         await asyncio.gather(*(self._close(b) for b in backends))
+        self._resident = None
+        self._machine.release()
