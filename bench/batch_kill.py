@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tests' real-server helpers
 
 import openai  # noqa: E402
 import redis  # noqa: E402
-from apphelpers import running_coe, tiny_registry, write_registry  # noqa: E402
+from apphelpers import batch_input, running_coe, tiny_registry, write_registry  # noqa: E402
 from conftest import LOADED_ADAPTERS, VLLM_ARGS, VLLM_STARTUP_TIMEOUT_S, VllmServer  # noqa: E402
 from meta import git_state, pct, versions  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
@@ -88,14 +88,6 @@ class Trial:
     ok: bool = False
     problem: str | None = None
     worker_b_exit: int | None = None
-
-
-def batch_input(n: int, tag: str) -> bytes:
-    """``n`` requests alternating the base model and an adapter, as the CI test does."""
-    lines = [{"custom_id": f"{tag}-{i}", "method": "POST", "url": "/v1/chat/completions",
-              "body": {"model": ("tiny-base", "tiny-a0")[i % 2], "max_tokens": 6, "temperature": 0,
-                       "messages": [{"role": "user", "content": f"Item {i} of {tag}?"}]}} for i in range(n)]
-    return "".join(json.dumps(x) + "\n" for x in lines).encode()
 
 
 @contextlib.asynccontextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -46,6 +47,15 @@ def tiny_registry(server: Any, **overrides: Any) -> dict[str, Any]:
     }
     reg.update(overrides)
     return reg
+
+
+def batch_input(n: int, tag: str) -> bytes:
+    """A Batches API input file of ``n`` requests for ``tiny_registry``'s experts, alternating the base
+    model and an adapter (the SIGKILL test and ``bench/batch_kill.py``)."""
+    lines = [{"custom_id": f"{tag}-{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": ("tiny-base", "tiny-a0")[i % 2], "max_tokens": 6, "temperature": 0,
+                       "messages": [{"role": "user", "content": f"Item {i} of {tag}?"}]}} for i in range(n)]
+    return "".join(json.dumps(x) + "\n" for x in lines).encode()
 
 
 def write_registry(path: Path, reg: dict[str, Any]) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 
 import openai
 import pytest
-from apphelpers import running_coe, tiny_registry, write_registry
+from apphelpers import batch_input, running_coe, tiny_registry, write_registry
 from redis_server import RedisServer, redis_factory_fixture
 
 COE = [str(Path(sys.executable).parent / "coe")]
@@ -25,13 +25,6 @@ ITEMS = 20
 READY = "coe worker: taking batch items"
 
 redis_factory = redis_factory_fixture()
-
-
-def batch_input(n: int, tag: str) -> bytes:
-    lines = [{"custom_id": f"{tag}-{i}", "method": "POST", "url": "/v1/chat/completions",
-              "body": {"model": ("tiny-base", "tiny-a0")[i % 2], "max_tokens": 6, "temperature": 0,
-                       "messages": [{"role": "user", "content": f"Item {i} of {tag}?"}]}} for i in range(n)]
-    return "".join(json.dumps(x) + "\n" for x in lines).encode()
 
 
 def registry(server: Any, redis: RedisServer, tmp: Path) -> Path:

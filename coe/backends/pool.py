@@ -177,17 +177,13 @@ class BackendPool:
             if loaded:
                 await self._machine.acquire(f"on-demand backend {name}")
                 log.info("bringing up on-demand backend %s (log: %s)", name, backend.managed.log_file)
-                self._resident = name  # from here on, _put_down releases the machine lock
-                await backend.managed.stop()  # a failed one: reset, then start afresh
-                try:
-                    await backend.managed.start()
-                except BaseException:
-                    await self._put_down(name)
-                    raise
-            self._resident = name
+            self._resident = name  # from here on, _put_down stops it and releases the machine lock
             try:
+                if loaded:
+                    await backend.managed.stop()  # a failed one: reset, then start afresh
+                    await backend.managed.start()
                 await backend.managed.wait_healthy()
-            except BackendUnavailable:
+            except BaseException:
                 await self._put_down(name)
                 raise
             if backend.config.launch is not None and not backend.base_adapter:
