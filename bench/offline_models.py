@@ -9,8 +9,8 @@ What it does
 - Builds three tiny random-weight Llamas (``coe.models.tiny.build_tiny``, the
   tests' builder; seeds 0, 1, 2, so three different models) and a registry with
   one ``launch`` backend per model, each ``on_demand: true``, and one expert per
-  backend. The API server's lifespan (``services.api.create_app``) runs in this
-  process, as ``coe batch run`` does; it starts no on-demand backend itself.
+  backend. A ``coe.runtime.Runtime`` runs in this process, as ``coe batch run``
+  opens one; it starts no on-demand backend itself.
 - Builds ``--items`` requests spread evenly over the three experts and shuffled
   (``--seed``): the arrival order.
 - Runs the same items twice through ``coe.batch.run.run_batch`` and the wave
@@ -84,19 +84,15 @@ async def one_run(name: str, models: list[Path], work: Path, items: list[Any], g
                   concurrency: int) -> dict[str, Any]:
     from coe.batch import run_batch
     from coe.batch.stages import WaveRunner
-    from services.api import create_app
-    from services.api.app import state_of
-    from services.api.chat.execute import execute
+    from coe.runtime import Runtime
 
     folder = work / name
     logs = folder / "logs"
     config = folder / "experts.yaml"
     folder.mkdir(parents=True)
     config.write_text(yaml.safe_dump(registry(models, logs), sort_keys=False))
-    app = create_app(config, poll_interval_s=3600)
     events: list[dict[str, Any]] = []
-    async with app.router.lifespan_context(app):
-        state = state_of(app)
+    async with Runtime(config, batches=False, watch=False) as state:
         started = time.perf_counter()
 
         def note(text: str) -> None:
@@ -106,8 +102,7 @@ async def one_run(name: str, models: list[Path], work: Path, items: list[Any], g
         runner = WaveRunner(state.dispatcher, models=state.pool, metrics=state.metrics, concurrency=concurrency,
                             group=group, on_event=note)
 
-        async def run_one(item: Any, request_id: str, caller: Any) -> tuple[int, dict[str, Any]]:
-            return await execute(state, item, request_id, caller)
+        run_one = state.chat.execute
 
         progress = await run_batch(items, run_one, runner, output=folder / "out.jsonl",
                                    errors=folder / "errors.jsonl")

@@ -136,13 +136,13 @@ def machine_cpu() -> tuple[float, float]:
 
 class Proc:
     def __init__(self, name: str, cmd: list[str], logdir: Path, env: dict[str, str] | None = None,
-                 wrapped: bool = False) -> None:
+                 wrapped: bool = False, cwd: Path = ROOT) -> None:
         self.name = name
         self.cmd = cmd
         self.wrapped = wrapped  # the root process is a profiler: count only its children's CPU
         self.log = logdir / f"{name}.log"
         self._fh = self.log.open("wb")
-        self.popen = subprocess.Popen(cmd, cwd=ROOT, stdout=self._fh, stderr=subprocess.STDOUT,
+        self.popen = subprocess.Popen(cmd, cwd=cwd, stdout=self._fh, stderr=subprocess.STDOUT,
                                       start_new_session=True, env={**os.environ, **(env or {})})
 
     @property
@@ -490,14 +490,19 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "auth: {client_auth: false, admin_auth: false}\n")
         coe_port = free_port()
         coe_bin = Path(sys.executable).parent / "coe"
-        base_cmd = [str(coe_bin)] if coe_bin.exists() else [sys.executable, "-m", "coe.cli"]
+        coe_src = Path(args.coe_src) if args.coe_src else ROOT  # made absolute in parse_args
+        if args.coe_src:  # another checkout's code, run from its folder (``-m`` puts the cwd first on sys.path)
+            module = "services.cli" if (coe_src / "services" / "cli.py").exists() else "coe.cli"
+            base_cmd = [sys.executable, "-m", module]
+        else:
+            base_cmd = [str(coe_bin)] if coe_bin.exists() else [sys.executable, "-m", "services.cli"]
         coe_cmd = [*base_cmd, "serve", "--config", str(registry), "--port", str(coe_port),
                    "--log-level", args.coe_log_level]
         if args.profile:
             pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
             coe_cmd = [pyspy, "record", "--rate", str(args.profile_rate), "--format", "raw", "--gil",
                        "-o", args.profile, "--", *coe_cmd]
-        coe_proc = Proc("coe", coe_cmd, tmp, wrapped=bool(args.profile))
+        coe_proc = Proc("coe", coe_cmd, tmp, wrapped=bool(args.profile), cwd=coe_src)
         procs.append(coe_proc)
         await wait_http(f"http://127.0.0.1:{coe_port}/health/ready", coe_proc, 120)
 
@@ -695,8 +700,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--raw", action="store_true", help="store every sample in the JSON")
     p.add_argument("--keep-logs", action="store_true", help="keep the stub/coe logs (a temp dir)")
+    p.add_argument("--coe-src", default=None, metavar="DIR",
+                   help="run coe from this checkout instead (e.g. a git worktree of an earlier commit); "
+                        "bench/overhead_ab.py uses it to compare two versions side by side")
     p.add_argument("--out", default=None, help="results file (default bench/results/overhead-<upstream>-<UTC>.json)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.coe_src:
+        args.coe_src = str(Path(args.coe_src).resolve())
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

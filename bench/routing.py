@@ -9,7 +9,7 @@ What it does, in one run
    deterministically from ``--seed`` (0). The train split is written to
    ``/tmp/coe-bench-routing/train.jsonl`` and the example's router (``examples/mmlu/experts.yaml``,
    every setting kept except ``router.data`` = that file and ``router.artifact`` =
-   ``/tmp/coe-bench-routing/artifact``) is fitted on it with ``coe.fit.fit``. The fit report is
+   ``/tmp/coe-bench-routing/artifact``) is fitted on it with ``routers.fit.fit``. The fit report is
    recorded (its ``held_out_top1``/ECE come from the fit's own internal 15% split of the *train*
    split; the numbers below are on the bench's held-out 15%, which the fit never saw).
 2. MMLU held-out. Every held-out line is routed by the two-level router (``routers.make_router``,
@@ -39,7 +39,7 @@ What it does, in one run
    per task. Six synthetic experts each own a group of BIG-bench domains (``SKILL_EXPERTS``). On the
    profiling half each expert's answers are *simulated* (correct with probability 0.85 in its own
    domains, 0.25 elsewhere, seeded) and turned into Symbolic-MoE profiles with
-   ``coe.profiles.build_profiles`` over the question's keyword labels (format keywords such as
+   ``routers.profiles.build_profiles`` over the question's keyword labels (format keywords such as
    "multiple choice" or "zero-shot" dropped: ``FORMAT_KEYWORDS``). A registry of those experts
    (url backend ``http://127.0.0.1:9/v1``, never contacted) with ``router.profiles`` pointing at the
    saved profiles routes the other half (task prefix + question). Measured: how often the first
@@ -52,7 +52,7 @@ What it does, in one run
 Targets (from the issue): p50 <= 10 ms for one two-level decision, batched >= 300 queries/s,
 top-1 >= 0.85. Computed, never hard-coded.
 Results: ``bench/results/routing-<UTC stamp>.json`` and ``bench/results/routing-confusion-<stamp>.png``;
-per-query decision records (``coe.routing.record``) of the question view go to
+per-query decision records (``routers.decisions.record``) of the question view go to
 ``/tmp/coe-bench-routing/decisions-question.jsonl``.
 """
 
@@ -78,14 +78,14 @@ from typing import Any
 
 import numpy as np
 
-from coe.classifier import CategoryClassifier, faiss_index
 from coe.config import ExpertConfig, RegistryConfig
 from coe.embed import Embedder, shared_embedder
-from coe.fit import embedder_id, fingerprint, fit, write_artifact
 from coe.loader import load_registry
-from coe.profiles import Outcome, build_profiles
-from coe.routing import record
 from routers import Router, RouteRequest, RoutingDecision, make_router
+from routers.classifier import CategoryClassifier, faiss_index
+from routers.decisions import record
+from routers.fit import embedder_id, fingerprint, fit, write_artifact
+from routers.profiles import Outcome, build_profiles
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -157,7 +157,7 @@ def stratified_split(keys: Sequence[str], frac: float, seed: int) -> tuple[list[
 
 
 def view_text(row: dict[str, Any], view: str) -> str:
-    """``question`` or ``question`` + lettered choices (the same layout ``coe.fit`` trains its second view on)."""
+    """``question`` or ``question`` + lettered choices (the same layout ``routers.fit`` trains its second view on)."""
     if view == "question":
         return str(row["question"])
     return str(row["question"]) + "\n" + "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(row["choices"]))
@@ -630,7 +630,7 @@ async def bigbench_skill_check(seed: int) -> dict[str, Any]:
             "BIG-bench dev split 50/50 per task (seeded). Six synthetic experts, each owning a group of BIG-bench "
             f"domains ({json.dumps(SKILL_EXPERTS)}). On the profiling half every expert's answer to every question "
             f"is simulated: correct with probability {P_CORRECT_OWN} in its own domains, {P_CORRECT_OTHER} "
-            "elsewhere; coe.profiles.build_profiles turns those outcomes into per-keyword scores (+1 right, -1 "
+            "elsewhere; routers.profiles.build_profiles turns those outcomes into per-keyword scores (+1 right, -1 "
             "wrong) over each question's labels.keywords minus format keywords "
             f"({sorted(FORMAT_KEYWORDS)}), and global strengths (tau 0.5). A registry of these experts "
             "(url backend never contacted) with router.strategy=symbolic and router.profiles = the saved profiles "

@@ -7,14 +7,18 @@ traceback for expected failures.
 from __future__ import annotations
 
 import argparse
-import logging
+import contextlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from coe.config import RegistryConfig
+from coe.config import ExpertConfig, RegistryConfig
 from coe.errors import CoeError, ConfigError
 from coe.loader import load_registry
+
+if TYPE_CHECKING:
+    from routers.base import Ask, Completer
 
 DEFAULT_CONFIG = "experts.yaml"
 
@@ -48,57 +52,58 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from coe.logs import configure
-    from routers import make_router
-    from services.api import create_app
-    from services.api.auth import resolve_keys
-
-    configure(args.log_level)
-    cfg = load_registry(args.config)  # fail fast, with the file's own error lines
-    make_router(cfg)  # and fit the router's classifier now, if it needs one, with its progress on stderr
-    resolve_keys(cfg.auth)
-    app = create_app(args.config)
-    _GracefulServer = _graceful_server_class()
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=args.drain_timeout, lifespan="on")
-    server = _GracefulServer(config)
-    logging.getLogger("coe").info("serving %s on http://%s:%d/v1", args.config, args.host, args.port)
-    server.run()
-    return 0 if server.started else 1
+_READY_TIMEOUT_S = 900.0
+"""How long ``coe profile`` and ``coe route`` (annotator mode) wait for the backends they start."""
 
 
-def _graceful_server_class() -> type:
-    import contextlib
+@contextlib.asynccontextmanager
+async def _expert_calls(config_path: str, cfg: RegistryConfig, backends: set[str]) -> AsyncIterator[Ask]:
+    """A ``Runtime`` that runs only the named backends (started, when managed, and ready), and an ``Ask``
+    that calls experts on them through its dispatcher (retries; no fallback: one expert per call); all
+    stopped on exit. It builds no router and keeps state in memory: nothing is served or registered.
+    The commands that call experts outside ``serve`` (``profile``, ``route`` with an annotator) use it,
+    so the routing code itself never starts a backend."""
+    from coe.runtime import Runtime
+    from coe.store import MemoryStore
 
-    import uvicorn
+    async with Runtime(config_path, config=cfg, store=MemoryStore(), backends=backends, batches=False,
+                       watch=False, routing=False) as runtime:
+        await runtime.wait_ready(backends, _READY_TIMEOUT_S)
 
-    class GracefulServer(uvicorn.Server):
-        """Exit 0 after a graceful SIGTERM/SIGINT instead of re-raising the signal (uvicorn's default),
-        so supervisors see a clean stop once in-flight requests drained and managed backends stopped."""
+        async def ask(expert: ExpertConfig, body: dict[str, Any], request_id: str) -> tuple[str, dict[str, Any] | None]:
+            result, _, call = await runtime.dispatcher.chat([expert], body, request_id=request_id)
+            return str(result["choices"][0]["message"].get("content") or ""), call.usage
 
-        @contextlib.contextmanager
-        def capture_signals(self):  # type: ignore[no-untyped-def]
-            with super().capture_signals():
-                try:
-                    yield
-                finally:
-                    self._captured_signals.clear()
+        yield ask
 
-    return GracefulServer
+
+@contextlib.asynccontextmanager
+async def _annotator(config_path: str, cfg: RegistryConfig) -> AsyncIterator[Completer | None]:
+    """For ``coe route`` with ``router.skills.mode: annotator``: the annotator's backend, started and
+    ready, behind a completer. ``None`` (and no backend touched) in the default embedding mode."""
+    name = cfg.router.skills.annotator
+    expert = cfg.expert(name) if cfg.router.skills.mode == "annotator" and name else None
+    if expert is None:
+        yield None
+        return
+    async with _expert_calls(config_path, cfg, {expert.backend}) as ask:
+
+        async def complete(e: ExpertConfig, messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
+            text, _ = await ask(e, {"messages": messages, **params}, "route-annotate")
+            return text
+
+        yield complete
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    """Decide for every input line without calling any expert (no backend is started or contacted)."""
+    """Decide for every input line without calling any expert (no backend is started or contacted, except
+    the annotator's with ``router.skills.mode: annotator``)."""
     import asyncio
     import json
     import time
 
-    from coe.profiling import annotator_completer
-    from coe.routing import read_inputs, record, summary
     from routers import RouteRequest, make_router
+    from routers.decisions import read_inputs, record, summary
 
     cfg = load_registry(args.config)
     inputs = read_inputs(Path(args.input))  # every line checked before anything is loaded, routed or written
@@ -106,7 +111,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         raise ConfigError([f"{args.config}: no experts to route to"])
 
     async def run() -> list[dict[str, object]]:
-        async with annotator_completer(cfg) as complete:  # None unless skills.mode is "annotator"
+        async with _annotator(args.config, cfg) as complete:  # None unless skills.mode is "annotator"
             router = await asyncio.to_thread(make_router, cfg, complete)
             out: list[dict[str, object]] = []
             for start in range(0, len(inputs), args.batch_size):
@@ -136,10 +141,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     """Measure every expert on labelled questions; write profiles (JSON) and every scored answer (JSONL)."""
     import asyncio
     import json
+    import time
 
     from coe.logs import configure
-    from coe.profiles import ProfileSet
-    from coe.profiling import default_skills_field, read_items, run_profile
+    from routers.profiles import ProfileSet
+    from routers.profiling import ProfileRun, default_skills_field, read_items, run_profile
 
     configure("warning")
     cfg = load_registry(args.config)
@@ -152,9 +158,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
     field = args.skills or default_skills_field(items)
     print(f"profiling {len(experts)} expert(s) on {len(items)} question(s) from {args.data} "
           f"(skills: {field})", file=sys.stderr)
-    run = asyncio.run(run_profile(cfg, items, skills_field=field, experts=experts, concurrency=args.concurrency,
-                                  max_tokens=args.max_tokens, source=str(args.data), aggregation=args.aggregation,
-                                  progress=lambda line: print(line, file=sys.stderr)))
+
+    async def profile() -> ProfileRun:
+        async with _expert_calls(args.config, cfg, {e.backend for e in experts}) as ask:
+            return await run_profile(ask, items, skills_field=field, experts=experts, concurrency=args.concurrency,
+                                     max_tokens=args.max_tokens, source=str(args.data), aggregation=args.aggregation,
+                                     progress=lambda line: print(line, file=sys.stderr))
+
+    started = time.perf_counter()
+    run = asyncio.run(profile())
+    seconds = time.perf_counter() - started  # backend start-up included
     out = Path(args.output) if args.output else Path(args.config).resolve().parent / ".coe" / "profiles.json"
     profiles = run.profiles
     if args.merge and out.exists():  # keep the other experts' measured profiles
@@ -172,7 +185,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         agg = "-" if p.aggregation_score is None else f"{p.aggregation_score:.3f}"
         print(f"{name:<16} {p.answered:>8} {p.correct:>8} {p.accuracy or 0:>9.3f} {agg:>11}")
     errors = sum(1 for r in run.records if "error" in r)
-    print(f"\nprofiles: {out}\nanswers: {results}\nerrors: {errors}; {run.seconds:.0f}s", file=sys.stderr)
+    print(f"\nprofiles: {out}\nanswers: {results}\nerrors: {errors}; {seconds:.0f}s", file=sys.stderr)
     return 0 if errors == 0 else 1
 
 
@@ -181,7 +194,7 @@ def cmd_router_fit(args: argparse.Namespace) -> int:
     import json
 
     from coe.embed import load_embedder
-    from coe.fit import fit, write_artifact
+    from routers.fit import fit, write_artifact
 
     cfg = load_registry(args.config)
     updates: dict[str, object] = {}
@@ -242,7 +255,14 @@ def cmd_build_gemma(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
+Command = Callable[[argparse.ArgumentParser, Callable[[argparse.Namespace], int]], argparse.ArgumentParser]
+"""Adds ``--config`` and the handler to a subcommand's parser."""
+
+Extend = Callable[[Any, Command], None]
+"""Adds more subcommands (``services.cli`` adds ``serve``, which needs HTTP)."""
+
+
+def _parser(extend: Extend | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coe", description="Composition-of-experts gateway for vLLM experts")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -251,12 +271,8 @@ def _parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    serve = command(sub.add_parser("serve", help="run the OpenAI-compatible API server"), cmd_serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--drain-timeout", type=float, default=30.0,
-                       help="seconds to let in-flight requests finish on SIGTERM")
+    if extend is not None:
+        extend(sub, command)
 
     experts = sub.add_parser("experts", help="inspect the registry").add_subparsers(
         dest="experts_command", required=True, metavar="SUBCOMMAND")
@@ -321,8 +337,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, extend: Extend | None = None) -> int:
+    """Run one command; ``coe`` on the PATH is ``services.cli.main``, which adds ``serve`` through
+    ``extend`` (the core never imports HTTP)."""
+    args = _parser(extend).parse_args(argv)
     try:
         code: int = args.fn(args)
     except ConfigError as exc:
@@ -337,5 +355,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # every command but ``serve``; ``python -m services.cli`` has them all
     sys.exit(main())

@@ -6,8 +6,12 @@ not a silently ignored setting. The top-level keys are fixed: ``backends``,
 composition), ``dispatch``, ``store`` (dispatch and batch). Sections a later
 feature owns exist now, so files written today stay valid.
 
-Cross-field rules that need the whole file (an expert's backend exists, names are
-unique) live in ``RegistryConfig`` validators, so every loader gets them.
+This module is a leaf: it imports nothing from the project, so the routers, the
+aggregators and everything else can import it. Rules that need more than one
+field's value (an expert's backend exists, names are unique) or another part of
+the project (``router.strategy`` names a router of ``routers.ROUTERS``,
+``pipeline.strategy`` an aggregator of ``coe.aggregate.AGGREGATORS``) are checked
+by ``coe.loader``, which reports each with the file's line.
 """
 
 from __future__ import annotations
@@ -28,10 +32,18 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def unknown_name(value: str, registry: Collection[str], what: str) -> str | None:
+    """Why ``value`` is not a key of an explicit registry (routers, aggregation strategies); None if it is."""
+    if value in registry:
+        return None
+    return f"unknown {what} {value!r} (known: {', '.join(sorted(registry))})"
+
+
 def check_known(value: str, registry: Collection[str], what: str) -> str:
-    """A name that must be a key of an explicit registry (routers, aggregation strategies)."""
-    if value not in registry:
-        raise ValueError(f"unknown {what} {value!r} (known: {', '.join(sorted(registry))})")
+    """``unknown_name`` for a pydantic validator: ``value``, or ``ValueError`` saying why not."""
+    problem = unknown_name(value, registry, what)
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 
@@ -243,13 +255,6 @@ class RouterConfig(Strict):
     skills: SkillsConfig = Field(default_factory=SkillsConfig)
     aggregator: str | None = Field(None, description="fixed aggregator; default: the best aggregation score")
 
-    @field_validator("strategy")
-    @classmethod
-    def _known_router(cls, value: str) -> str:
-        from routers import ROUTERS  # the explicit router registry; imported late to avoid a cycle
-
-        return check_known(value, ROUTERS, "router")
-
     @model_validator(mode="after")
     def _k_bounds(self) -> RouterConfig:
         if self.k_min > self.k_max:
@@ -285,13 +290,6 @@ class PipelineConfig(Strict):
         None, ge=256, description="the aggregator's context length; default: max_model_len from its server")
     aggregator_max_tokens: int = Field(
         512, ge=1, description="room kept for the aggregator's reply when the request sets no max_tokens")
-
-    @field_validator("strategy")
-    @classmethod
-    def _known_strategy(cls, value: str) -> str:
-        from coe.aggregate import AGGREGATORS  # the explicit registry; imported late to avoid a cycle
-
-        return check_known(value, AGGREGATORS, "strategy")
 
 
 class RagConfig(Strict):

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
     Matrix = npt.NDArray[np.float32]
+    """The one array type of embeddings and what is computed from them (routers, RAG): float32."""
 
 SETUP_HINT = "run deploy/setup.sh (or: pip install -e '.[router]')"
 MAX_SEQ_LENGTH = 256

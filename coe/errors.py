@@ -22,6 +22,7 @@ errors (httpx, pydantic, yaml, redis) are mapped to these at the boundary with
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -126,3 +127,26 @@ class UpstreamTimeout(CoeError):
 
 class StoreError(CoeError):
     type = "store_error"
+
+
+def format_param(loc: Sequence[Any]) -> str:
+    """A pydantic error location as the OpenAI ``param``: ``("body", "messages", 0, "role")`` ->
+    ``messages[0].role``."""
+    out = ""
+    for p in (p for p in loc if p != "body"):
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def from_validation(errors: Sequence[Mapping[str, Any]]) -> InvalidRequest:
+    """pydantic's error list (``ValidationError.errors()``) as one ``InvalidRequest`` naming the first
+    problem's ``param``: the same message for a request body, a batch line or an API registration."""
+    first = errors[0]
+    param = format_param(tuple(first.get("loc", ())))
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "json_invalid":
+        return InvalidRequest(f"the request body is not valid JSON: {first.get('ctx', {}).get('error', msg)}")
+    if first.get("type") == "missing":
+        msg = "this field is required"
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return InvalidRequest(f"{param}: {msg}{more}" if param else f"{msg}{more}", param=param or None)

@@ -4,8 +4,10 @@ errors an operator can act on: ``experts.yaml:14: experts[2].backend: unknown ba
 Lines come from the YAML node tree, walked along the error's location: the line of
 the key for a value, of the item for a list entry, and of the enclosing key or item
 for a field that is missing. Cross-references (an expert's backend exists, names are
-unique) are checked here because they need the whole file. Every problem in the file
-is reported at once, sorted by line.
+unique) are checked here because they need the whole file, and so are the names of
+registered strategies (``router.strategy`` in ``routers.ROUTERS``, ``pipeline.strategy``
+in ``coe.aggregate.AGGREGATORS``), so that ``coe.config`` imports neither. Every problem
+in the file is reported at once, sorted by line.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from coe.config import BackendConfig, ExpertConfig, RegistryConfig
+from coe.aggregate import AGGREGATORS
+from coe.config import BackendConfig, ExpertConfig, RegistryConfig, unknown_name
 from coe.errors import ConfigError
+from routers import ROUTERS
 
 Loc = Sequence[str | int]
 
@@ -160,7 +164,19 @@ def cross_check(cfg: RegistryConfig) -> list[tuple[Loc, str]]:
         experts=list(enumerate(cfg.experts)),
         backends=dict(cfg.backends),
         router_refs=cfg.router.expert_refs(),
-    )
+    ) + _strategy_problems(cfg.router.strategy, cfg.pipeline.strategy)
+
+
+def _strategy_problems(router: object, pipeline: object) -> list[tuple[Loc, str]]:
+    """``router.strategy`` and ``pipeline.strategy`` name entries of the explicit registries;
+    a value that is not a string is the schema's to report."""
+    problems: list[tuple[Loc, str]] = []
+    for loc, value, known, what in ((("router", "strategy"), router, ROUTERS, "router"),
+                                    (("pipeline", "strategy"), pipeline, AGGREGATORS, "strategy")):
+        problem = unknown_name(value, known, what) if isinstance(value, str) else None
+        if problem is not None:
+            problems.append((loc, problem))
+    return problems
 
 
 def check_expert(expert: ExpertConfig, cfg: RegistryConfig) -> list[tuple[Loc, str]]:
@@ -250,6 +266,9 @@ def _partial_cross_check(data: Mapping[str, Any], base: Path) -> list[tuple[Loc,
         if isinstance(skills, Mapping) and isinstance(skills.get("annotator"), str):
             refs[("skills", "annotator")] = skills["annotator"]
     problems = _cross_problems(names=names, experts=experts, backends=backends, router_refs=refs)
+    pipeline = data.get("pipeline")
+    problems.extend(_strategy_problems(router.get("strategy") if isinstance(router, Mapping) else None,
+                                       pipeline.get("strategy") if isinstance(pipeline, Mapping) else None))
     if backends is not None:
         known = ", ".join(sorted(backends)) or "none declared"
         problems.extend((("experts", i, "backend"), f"unknown backend {ref!r} (known: {known})")

@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import orjson
 from pydantic import ValidationError
 
 from coe.config import ExpertConfig, RegistryConfig
@@ -32,7 +32,12 @@ from coe.loader import check_expert, load_registry
 from coe.logs import request_id_var
 from coe.metrics import Metrics
 from coe.store.base import StateStore
-from routers import Router, make_router
+
+if TYPE_CHECKING:  # the router family is injected (``router_factory``); only its types are named here
+    from routers.base import Completer, Router
+
+RouterFactory = Callable[[RegistryConfig, "Completer | None"], "Router"]
+"""Builds the registry's router (``routers.make_router``; the runtime passes it in)."""
 
 log = logging.getLogger("coe.registry")
 
@@ -60,20 +65,26 @@ def _fingerprint(path: Path) -> tuple[int, int] | None:
 
 class RegistryManager:
     def __init__(self, path: Path, store: StateStore, dispatcher: Dispatcher, metrics: Metrics,
-                 *, poll_interval_s: float = 1.0, on_reload: Callable[[Registry], None] | None = None) -> None:
-        """``on_reload`` sees each new snapshot before it takes effect; raising ConfigError refuses it."""
+                 *, router_factory: RouterFactory, poll_interval_s: float = 1.0,
+                 on_reload: Callable[[Registry], None] | None = None,
+                 backends: Callable[[RegistryConfig], Awaitable[None]] | None = None) -> None:
+        """``on_reload`` sees each new snapshot before it takes effect; raising ConfigError refuses it.
+        ``backends`` applies a new config's backends and dispatch settings (default: all of them, through
+        ``Dispatcher.configure``; the runtime narrows it for a process that needs only some)."""
         self.path = path
         self.store = store
         self.dispatcher = dispatcher
         self.metrics = metrics
+        self.router_factory = router_factory
         self.poll_interval_s = poll_interval_s
         self.on_reload = on_reload
+        self._configure = backends or (lambda config: dispatcher.configure(config.dispatch, config.backends))
         self._current: Registry | None = None
         self._overlay: dict[str, ExpertConfig] = {}
         self._owned: set[tuple[str, str]] = set()  # (backend, adapter) that coe loaded, so may unload
         self._fingerprint: tuple[int, int] | None = None
         self._digest = ""
-        self._router_cache: tuple[str, Router] | None = None
+        self._router_cache: tuple[bytes, Router] | None = None
         self._lock = asyncio.Lock()
         self._watch: asyncio.Task[None] | None = None
         self.last_error: str | None = None
@@ -106,11 +117,11 @@ class RegistryManager:
     def _router(self, config: RegistryConfig) -> Router:
         """The previous router when nothing it was built from changed: the two-level router loads (or
         fits) a classifier, which an API registration or an unrelated edit must not redo."""
-        key = json.dumps([config.router.model_dump(mode="json"),
-                          [e.model_dump(mode="json", include={"name", "description", "skills", "categories"})
-                           for e in config.experts]], sort_keys=True)
+        key = orjson.dumps([config.router.model_dump(mode="json"),
+                            [e.model_dump(mode="json", include={"name", "description", "skills", "categories"})
+                             for e in config.experts]], option=orjson.OPT_SORT_KEYS)
         if self._router_cache is None or self._router_cache[0] != key:
-            self._router_cache = (key, make_router(config, self._complete))
+            self._router_cache = (key, self.router_factory(config, self._complete))
         return self._router_cache[1]
 
     async def _complete(self, expert: ExpertConfig, messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
@@ -125,16 +136,15 @@ class RegistryManager:
         snapshot = await asyncio.to_thread(self._snapshot, config)  # may raise ConfigError: nothing changed yet
         if self.on_reload is not None:
             self.on_reload(snapshot)  # may refuse it too (e.g. auth keys missing)
-        self.dispatcher.pool.set_health_interval(config.dispatch.health_interval_s)
-        await self.dispatcher.pool.reconcile(config.backends)
-        self.dispatcher.config = config.dispatch
+        await self._configure(config)
         self._current = snapshot
 
-    async def start(self) -> Registry:
-        """Load the file (a bad file is fatal at start-up) and the stored overlay."""
+    async def start(self, config: RegistryConfig | None = None, *, watch: bool = True) -> Registry:
+        """Load the file (a bad file is fatal at start-up) and the stored overlay. ``config``: the file as
+        the caller already loaded it (read once per process); ``watch``: poll the file for edits."""
         self._fingerprint = _fingerprint(self.path)
-        config = load_registry(self.path)
         self._digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        config = config if config is not None else load_registry(self.path)
         for name, doc in (await self.store.items(OVERLAY)).items():
             try:
                 expert = self._overlay[name] = ExpertConfig.model_validate(doc.get("expert"))
@@ -143,7 +153,8 @@ class RegistryManager:
             except ValidationError as exc:
                 log.error("stored API expert %s is invalid and ignored: %s", name, exc)
         await self._apply(config)
-        self._watch = asyncio.create_task(self._watch_loop(), name="coe-registry-watch")
+        if watch:
+            self._watch = asyncio.create_task(self._watch_loop(), name="coe-registry-watch")
         return self.current
 
     async def reload(self) -> bool:
@@ -228,8 +239,7 @@ class RegistryManager:
             owns = False
             if expert.adapter is not None:
                 key = (expert.backend, expert.adapter.name)
-                backend = self.dispatcher.pool.get(expert.backend)
-                served = {m.get("id") for m in await backend.api.list_models()}
+                served = await self.dispatcher.served_models(expert.backend)
                 owns = key in self._owned or expert.adapter.name not in served  # unload only what coe loaded
                 await self.dispatcher.ensure_adapter(expert)
             doc: dict[str, Any] = {"expert": expert.model_dump(mode="json", exclude_defaults=True),
@@ -272,12 +282,10 @@ class RegistryManager:
         if in_use or preloaded:
             return
         self._owned.discard((expert.backend, adapter))
-        backend = self.dispatcher.pool.get(expert.backend)
-        async with backend.adapter_lock(adapter):
-            try:
-                await backend.api.unload_adapter(adapter)
-            except Exception as exc:
-                log.warning("could not unload adapter %s from %s: %s", adapter, expert.backend, exc)
+        try:
+            await self.dispatcher.unload_adapter(expert.backend, adapter)
+        except Exception as exc:
+            log.warning("could not unload adapter %s from %s: %s", adapter, expert.backend, exc)
 
     async def aclose(self) -> None:
         if self._watch is not None:

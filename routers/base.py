@@ -70,5 +70,10 @@ class Router(ABC):
 Completer = Callable[["ExpertConfig", list[dict[str, Any]], dict[str, Any]], Awaitable[str]]
 """Asks one expert: (expert, messages, sampling params) -> the answer's text (for routers that annotate)."""
 
+Ask = Callable[["ExpertConfig", dict[str, Any], str], Awaitable[tuple[str, dict[str, Any] | None]]]
+"""Asks one expert a whole chat body: (expert, body, request id) -> (the answer's text, its usage).
+A call that fails raises ``coe.errors.CoeError``. Injected so that routing code (``coe profile``)
+never starts backends or dispatches itself: the caller owns those."""
+
 RouterFactory = Callable[["RegistryConfig", "Completer | None"], Router]
 """Builds a router from the whole registry (level 1 is fitted on the experts' descriptions too)."""

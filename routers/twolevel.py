@@ -28,8 +28,8 @@ from coe.config import ExpertConfig, RegistryConfig
 from coe.embed import shared_embedder
 from coe.errors import BackendUnavailable
 from routers.base import Completer, ExpertChoice, Router, RouteRequest, RoutingDecision
-from routers.embedding import Level1, Level1Result, Sessions, conversation_texts
-from routers.symbolic import Recruiter, positive_shares
+from routers.level1 import Level1, Level1Result, Sessions, conversation_texts
+from routers.recruiter import Recruiter, positive_shares
 
 log = logging.getLogger("coe.routers")
 

@@ -19,9 +19,10 @@ import openai
 import yaml
 from fastapi import FastAPI
 
+from coe.runtime import Runtime
 from coe.testing.server import serve_app
 from services.api import create_app
-from services.api.app import AppState, state_of
+from services.api.state import runtime_of
 
 PRICES = {"input_per_mtok": 1.5, "output_per_mtok": 4.0}
 
@@ -69,8 +70,9 @@ class RunningCoe:
         self.app = app
 
     @property
-    def state(self) -> AppState:
-        return state_of(self.app)
+    def state(self) -> Runtime:
+        """The server's runtime (registry, store, pool, jobs, metrics)."""
+        return runtime_of(self.app)
 
     def client(self, api_key: str = "none", **kw: Any) -> openai.AsyncOpenAI:
         kw.setdefault("max_retries", 0)

@@ -27,10 +27,10 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from redis_server import RedisServer, redis_binary
 
-from coe import cli
 from coe.errors import ConfigError
 from coe.store.redis import RedisStore
 from coe.testing.server import free_port, serve_app
+from services import cli
 from services.api import create_app
 
 MAX_TOKENS = 8

@@ -121,3 +121,27 @@ def test_a_killed_run_resumes_without_rerunning_finished_items(vllm_server: Any,
     assert summary["resumed"] == len(before) and summary["completed"] == n - len(before)
     ids = [json.loads(x)["custom_id"] for x in out.read_text().splitlines()]
     assert sorted(ids) == sorted(f"q{i}" for i in range(n))  # every item exactly once
+
+
+def test_a_fully_resumed_run_starts_and_waits_for_no_backend(tmp_path: Path) -> None:
+    """Every item already has a result: the re-run makes no call and brings no backend up. Its one backend
+    is a managed vLLM that cannot start (a model folder that does not exist): waiting for it, or launching
+    it, would fail the run."""
+    config = tmp_path / "experts.yaml"
+    config.write_text(json.dumps({
+        "backends": {"never": {"launch": {"model": str(tmp_path / "no-model"), "startup_timeout_s": 5}}},
+        "experts": [{"name": "e", "backend": "never", "model": "no-model"}],
+        "auth": {"client_auth": False, "admin_auth": False},
+    }))
+    source = write(tmp_path / "in.jsonl", [line(f"q{i}", model="e") for i in range(3)])
+    out = tmp_path / "out.jsonl"
+    out.write_text("".join(json.dumps({"custom_id": f"q{i}", "response": {"status_code": 200}}) + "\n"
+                           for i in range(3)))
+    started = time.monotonic()
+    run = subprocess.run([*COE, "batch", "run", str(source), "--output", str(out), "--config", str(config)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["resumed"] == 3 and summary["completed"] == 0 and summary["failed"] == 0
+    assert "waiting for" not in run.stderr and "never" not in run.stderr
+    assert time.monotonic() - started < 60

@@ -29,11 +29,10 @@ from coe.batch import BatchItem, run_batch
 from coe.batch.queue import MemoryQueue, RedisStreamQueue, WorkQueue
 from coe.batch.stages import WaveRunner
 from coe.config import BackendConfig, LaunchConfig
-from coe.pipeline import ChatCaller
+from coe.runtime import Runtime
 from coe.testing.recording import Exchange, RecordingTransport
 from services.api import create_app
-from services.api.app import AppState, state_of
-from services.api.chat.execute import execute
+from services.api.state import runtime_of
 
 redis_factory = redis_factory_fixture()
 
@@ -56,23 +55,20 @@ def last_user(exchange: Exchange) -> str:
 
 
 @contextlib.asynccontextmanager
-async def app_state(config: Path, transport: RecordingTransport | None = None) -> AsyncIterator[AppState]:
+async def app_state(config: Path, transport: RecordingTransport | None = None) -> AsyncIterator[Runtime]:
+    """A runtime as ``coe batch run`` opens one (no batch jobs, no file watch)."""
     factory = (lambda name: transport) if transport is not None else None
-    app = create_app(config, poll_interval_s=3600, transport_factory=factory)
-    async with app.router.lifespan_context(app):
-        yield state_of(app)
+    async with Runtime(config, transport_factory=factory, batches=False, watch=False) as runtime:
+        yield runtime
 
 
-async def staged_run(state: AppState, items: list[BatchItem], out: Path, **runner_kw: Any
+async def staged_run(state: Runtime, items: list[BatchItem], out: Path, **runner_kw: Any
                      ) -> tuple[dict[str, dict[str, Any]], WaveRunner]:
     """``run_batch`` as ``coe batch run`` does it; the result lines by custom_id."""
     runner = WaveRunner(state.dispatcher, models=state.pool, metrics=state.metrics, **runner_kw)
 
-    async def run_one(batch_item: BatchItem, request_id: str, caller: ChatCaller) -> tuple[int, dict[str, Any]]:
-        return await execute(state, batch_item, request_id, caller)
-
     errors = out.with_suffix(".errors.jsonl")
-    await run_batch(items, run_one, runner, output=out, errors=errors)
+    await run_batch(items, state.chat.execute, runner, output=out, errors=errors)
     lines = [json.loads(x) for p in (out, errors) if p.exists() for x in p.read_text().splitlines()]
     return {r["custom_id"]: r["response"] for r in lines}, runner
 
@@ -87,7 +83,7 @@ async def test_coe_items_call_every_expert_before_any_aggregator(vllm_server: An
              for i, panel in enumerate(panels)]
     transport = RecordingTransport()
     async with app_state(config, transport) as state:
-        solo = {i.custom_id: await execute(state, i, f"solo-{i.custom_id}") for i in items}  # one at a time
+        solo = {i.custom_id: await state.chat.execute(i, f"solo-{i.custom_id}") for i in items}  # one at a time
         transport.clear()
         results, runner = await staged_run(state, items, tmp_path / "out.jsonl", concurrency=4)
     chats = transport.chats()
@@ -157,7 +153,7 @@ async def test_on_demand_models_load_once_per_expert(vllm_server: Any, tmp_path:
     async with app_state(config) as state:
         managed = {n: state.pool.get(n).managed for n in names}
         assert all(m is not None and m.state == "stopped" and m.spawns == 0 for m in managed.values())
-        status, body = await execute(state, items[0], "online")  # not staged: an online request
+        status, body = await state.chat.execute(items[0], "online")  # not staged: an online request
         assert status == 503 and "stopped" in body["error"]["message"]
         results, runner = await staged_run(state, items, tmp_path / "out.jsonl", concurrency=4)
         assert {cid: r["status_code"] for cid, r in results.items()} == {i.custom_id: 200 for i in items}, results
@@ -190,7 +186,7 @@ async def test_on_demand_backend_that_cannot_start_fails_its_items_and_nothing_h
     config = write_registry(tmp_path / "experts.yaml", reg)
     app = create_app(config, poll_interval_s=3600)
     async with app.router.lifespan_context(app):
-        state = state_of(app)
+        state = runtime_of(app)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://coe") as http:
             ready = await http.get("/health/ready")

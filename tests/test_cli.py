@@ -18,7 +18,7 @@ from coe.testing.server import free_port, serve_app
 from coe.testing.stub_upstream import StubRecord, create_stub_app
 
 ROOT = Path(__file__).resolve().parent.parent
-COE = [sys.executable, "-m", "coe.cli"]
+COE = [sys.executable, "-m", "services.cli"]
 
 
 def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:

@@ -302,6 +302,41 @@ def test_default_expert_must_exist() -> None:
     """).router.default_expert == "a"
 
 
+ROUTER_NAMES = "default, embedding, random, symbolic, two-level"
+AGGREGATOR_NAMES = "best, synthesize, vote"
+
+
+def test_strategies_must_be_registered() -> None:
+    # Checked by the loader (coe.config imports neither registry), with the line like any other check.
+    assert errors_of(HEAD + """
+        router:
+          strategy: smart
+        pipeline:
+          quorum: 0.5
+          strategy: median
+    """) == [
+        f"experts.yaml:5: router.strategy: unknown router 'smart' (known: {ROUTER_NAMES})",
+        f"experts.yaml:8: pipeline.strategy: unknown strategy 'median' (known: {AGGREGATOR_NAMES})",
+    ]
+    assert parse(HEAD + """
+        router: {strategy: two-level}
+        pipeline: {strategy: vote}
+    """).pipeline.strategy == "vote"
+
+
+def test_strategies_are_checked_when_another_part_is_invalid() -> None:
+    assert errors_of(HEAD + """
+        router:
+          strategy: smart
+          k: 3
+        pipeline: {strategy: 3}
+    """) == [
+        f"experts.yaml:5: router.strategy: unknown router 'smart' (known: {ROUTER_NAMES})",
+        "experts.yaml:6: router.k: unknown key 'k'",
+        "experts.yaml:7: pipeline.strategy: Input should be a valid string",
+    ]
+
+
 def test_model_must_match_the_launch_backends_served_name() -> None:
     assert errors_of("""
         backends:

@@ -318,3 +318,32 @@ async def test_aggregator_down_returns_the_vote(vllm_server: Any, tmp_path: Path
     assert any("degraded" in s for s in field["trace"])
     assert field["experts"][-1]["role"] == "aggregator" and field["experts"][-1]["outcome"] == "failed"
     assert reply.choices[0].message.content
+
+
+async def test_streamed_aggregator_down_streams_the_vote(vllm_server: Any, tmp_path: Path) -> None:
+    """The streamed final stage fails to open: the vote streams as text, with the record and trace step
+    the non-streamed twin carries (``coe.pipeline.final``, one place for both)."""
+    transport = RecordingTransport()
+    async with running_coe(write_registry(tmp_path / "experts.yaml", registry(vllm_server)),
+                           transport_factory=lambda name: transport) as coe:
+        original = transport.handle_async_request
+        seen = 0
+
+        async def fail_fourth(request: httpx.Request) -> httpx.Response:
+            nonlocal seen
+            if request.url.path.endswith("/chat/completions"):
+                seen += 1
+                if seen >= 4:
+                    return httpx.Response(500, json={"error": {"message": "injected"}})
+            return await original(request)
+
+        transport.handle_async_request = fail_fourth  # type: ignore[method-assign]
+        stream = await coe.client().chat.completions.create(
+            model="coe", messages=MSG, stream=True, extra_body={"coe": {"experts": ["tiny-a0", "tiny-a1", "tiny-a2"]}},
+            **GREEDY)
+        chunks = [c async for c in stream]
+    field = dict((chunks[-1].model_extra or {})["coe"])
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert any("degraded" in s for s in field["trace"])
+    assert field["experts"][-1]["role"] == "aggregator" and field["experts"][-1]["outcome"] == "failed"
+    assert text and field["answered_by"] in {"tiny-a0", "tiny-a1", "tiny-a2"}

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from apphelpers import tiny_registry, write_registry
 
-from coe.profiles import ProfileSet
+from routers.profiles import ProfileSet
 
 pytestmark = pytest.mark.vllm
 
@@ -35,7 +35,7 @@ def test_coe_profile_end_to_end(vllm_server: Any, tmp_path: Path) -> None:
     data.write_text("".join(json.dumps(i) + "\n" for i in ITEMS))
     out = tmp_path / "out" / "profiles.json"
     result = subprocess.run(
-        [sys.executable, "-m", "coe.cli", "profile", "--config", str(config), "--data", str(data),
+        [sys.executable, "-m", "services.cli", "profile", "--config", str(config), "--data", str(data),
          "--experts", "tiny-base,tiny-a0", "--output", str(out), "--max-tokens", "4"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -63,7 +63,7 @@ def test_coe_profile_end_to_end(vllm_server: Any, tmp_path: Path) -> None:
 
     # A newly registered expert is profiled on the same validation set and merged in: the others' stay as measured.
     merged = subprocess.run(
-        [sys.executable, "-m", "coe.cli", "profile", "--config", str(config), "--data", str(data),
+        [sys.executable, "-m", "services.cli", "profile", "--config", str(config), "--data", str(data),
          "--experts", "tiny-a1", "--output", str(out), "--max-tokens", "4", "--merge"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert merged.returncode == 0, merged.stderr
@@ -77,8 +77,8 @@ def test_profile_rejects_bad_data_lines(vllm_server: Any, tmp_path: Path) -> Non
     config = write_registry(tmp_path / "experts.yaml", tiny_registry(vllm_server))
     data = tmp_path / "bad.jsonl"
     data.write_text('{"question": "ok?", "answer": "A", "choices": ["x"]}\nnot json\n{"question": 3}\n')
-    result = subprocess.run([sys.executable, "-m", "coe.cli", "profile", "--config", str(config), "--data", str(data)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "services.cli", "profile", "--config", str(config),
+                             "--data", str(data)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "line 2: not valid JSON" in result.stderr and "line 3:" in result.stderr
     assert "line 1:" not in result.stderr

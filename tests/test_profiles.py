@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from coe.config import ExpertConfig
-from coe.profiles import Outcome, ProfileSet, build_profiles, skills_of, synthetic_profiles
 from coe.scoring import chance, extract_choice, format_question, gold_letter, is_correct, normalize
+from routers.profiles import Outcome, ProfileSet, build_profiles, skills_of, synthetic_profiles
 
 MC = {"question": "2+2?", "choices": ["three", "four", "five", "twenty two"], "answer": "B"}
 MC_TEXT = {"question": "Proverb?", "choices": ["Practice makes perfect", "To err is human"],

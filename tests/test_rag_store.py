@@ -63,13 +63,13 @@ def test_coe_rag_ingest_cli(tmp_path: Path) -> None:
     (tmp_path / "experts.yaml").write_text("experts: []\nrag: {chunk_words: 40, overlap_words: 5}\n")
     doc = tmp_path / "faq.md"
     doc.write_text("# Support hours\nSupport answers from 9 to 5 on weekdays.")
-    result = subprocess.run([sys.executable, "-m", "coe.cli", "rag", "ingest", str(doc), "--index", "faq",
+    result = subprocess.run([sys.executable, "-m", "services.cli", "rag", "ingest", str(doc), "--index", "faq",
                              "--config", str(tmp_path / "experts.yaml")], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["chunks_total"] == 1
     assert (tmp_path / ".coe" / "rag" / "faq" / "chunks.jsonl").exists()
-    bad = subprocess.run([sys.executable, "-m", "coe.cli", "rag", "ingest", str(tmp_path / "nope.md"),
+    bad = subprocess.run([sys.executable, "-m", "services.cli", "rag", "ingest", str(tmp_path / "nope.md"),
                           "--config", str(tmp_path / "experts.yaml")], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 1 and "nope.md" in bad.stderr and "Traceback" not in bad.stderr

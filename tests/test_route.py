@@ -34,7 +34,7 @@ def registry(tmp_path: Path, *, launch: bool = True) -> Path:
 
 
 def coe_route(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "coe.cli", "route", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "services.cli", "route", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
 
 

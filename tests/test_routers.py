@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from coe.config import ExpertConfig, RegistryConfig, RouterConfig
-from coe.errors import BackendUnavailable
+from coe.errors import BackendUnavailable, ConfigError
+from coe.loader import parse_registry
 from routers import ROUTERS, RouteRequest, make_router
 
 EXPERTS = [ExpertConfig(name=n, backend="b", model="m") for n in ("a", "b", "c", "d")]
@@ -44,9 +47,11 @@ async def test_no_experts_is_unavailable() -> None:
         await make_router(_cfg()).route(REQ, [])
 
 
-def test_unknown_strategy_is_rejected_by_the_schema() -> None:
-    with pytest.raises(ValueError, match="unknown router 'smart'"):
-        RouterConfig(strategy="smart")
+def test_unknown_strategy_is_rejected_by_the_loader_and_by_make_router() -> None:
+    with pytest.raises(ConfigError, match=r"experts\.yaml:2: router\.strategy: unknown router 'smart'"):
+        parse_registry("router:\n  strategy: smart\n", "experts.yaml", Path("/srv/coe"))
+    with pytest.raises(ConfigError, match=r"router\.strategy: unknown router 'smart'"):  # a config built in code
+        make_router(_cfg(strategy="smart"))
     assert {"default", "random"} <= set(ROUTERS)
 
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import yaml
 
-from coe.classifier import CategoryClassifier
 from coe.config import ExpertConfig, RegistryConfig
 from coe.embed import shared_embedder
 from coe.errors import ConfigError, InvalidRequest
-from coe.fit import ensure_classifier
 from coe.loader import load_registry
 from routers import RouteRequest, make_router
+from routers.classifier import CategoryClassifier
+from routers.fit import ensure_classifier
 from routers.twolevel import TwoLevelRouter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,7 +215,7 @@ def test_seeded_sampling_is_reproducible(cfg: RegistryConfig) -> None:
 
 def test_level2_reranks_with_measured_profiles_and_picks_up_a_new_profile(tmp_path: Path) -> None:
     """Symbolic strategy: no classifier; profiles from a file that changes while the router runs."""
-    from coe.profiles import ExpertProfile, ProfileSet
+    from routers.profiles import ExpertProfile, ProfileSet
 
     profiles = tmp_path / "profiles.json"
     ProfileSet(experts={

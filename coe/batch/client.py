@@ -1,6 +1,6 @@
 """``coe worker`` and the client commands ``coe batch submit | status | download``.
 
-``coe worker`` runs the same lifespan as the API server (backends, store, a
+``coe worker`` opens the same ``Runtime`` as the API server (backends, store, a
 batch worker) without serving HTTP; it needs Redis, since only a shared queue
 lets a separate process take work. The client commands talk to a running coe
 (or any OpenAI-compatible server) over HTTP; the API key comes from
@@ -18,8 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from coe.config import RegistryConfig
 from coe.errors import InvalidRequest
 from coe.loader import load_registry
+from coe.store import is_durable_url, store_url
 
 
 def _stop_before_start(signum: int, frame: object) -> None:
@@ -33,23 +35,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop_before_start)  # until the event loop's handler replaces it in _work
     configure(args.log_level)
     cfg = load_registry(args.config)
-    url = os.environ.get("COE_REDIS_URL") or cfg.store.redis_url
-    if not url or url.startswith("memory:"):
+    if not is_durable_url(store_url(cfg.store)):
         raise InvalidRequest("coe worker needs Redis: set store.redis_url in the registry or COE_REDIS_URL "
                              "(without Redis, the API server runs batches itself)")
-    asyncio.run(_work(args.config))
+    asyncio.run(_work(args.config, cfg))
     return 0
 
 
-async def _work(config: str) -> None:
-    from services.api import create_app
+async def _work(config: str, cfg: RegistryConfig) -> None:
+    from coe.runtime import Runtime
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    app = create_app(config, batch_worker=True, poll_interval_s=5.0)
-    async with app.router.lifespan_context(app):
+    async with Runtime(config, config=cfg, batch_worker=True, poll_interval_s=5.0):
         print("coe worker: taking batch items (SIGTERM finishes or releases what it holds)", file=sys.stderr,
               flush=True)
         await stop.wait()

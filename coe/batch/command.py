@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coe.batch.lines import read_batch
-from coe.batch.run import DEFAULT_WINDOW, Progress, run_batch
+from coe.batch.lines import BatchItem, read_batch
+from coe.batch.run import DEFAULT_WINDOW, Progress, finished_ids, run_batch
 from coe.batch.stages import WaveRunner
-from coe.config import ROUTED_MODEL
-from coe.errors import BackendUnavailable
+from coe.config import ROUTED_MODEL, RegistryConfig
 from coe.loader import load_registry
 
 
@@ -53,59 +52,42 @@ class Reporter:
             self._last_line, self._last_done = now, p.done
 
 
-async def _wait_ready(state: Any, backends: set[str], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        down = [n for n in sorted(backends) if not state.pool.get(n).is_healthy]
-        if not down:
-            return
-        if time.monotonic() > deadline:
-            raise BackendUnavailable(f"backends not healthy after {timeout_s:.0f}s: {', '.join(down)}")
-        await asyncio.sleep(0.5)
+async def _run(args: argparse.Namespace, cfg: RegistryConfig, items: list[BatchItem], output: Path,
+               errors: Path) -> tuple[Progress, WaveRunner]:
+    """The batch on a ``Runtime`` of its own: only the backends its unfinished items can use are started
+    (none when a re-run finds everything done), no batch jobs, no file watch."""
+    from coe.runtime import Runtime
 
-
-async def _run(args: argparse.Namespace, items: list[Any], output: Path, errors: Path) -> tuple[Progress, WaveRunner]:
-    from coe.pipeline import ChatCaller
-    from services.api import create_app
-    from services.api.app import state_of
-    from services.api.chat.execute import execute
-
-    app = create_app(args.config, poll_interval_s=3600)
-    async with app.router.lifespan_context(app):
-        state = state_of(app)
-        config = state.registry.current.config
-        experts = state.registry.current.experts
-        models = {i.model for i in items}
-        used = ({e.backend for e in experts.values()} if ROUTED_MODEL in models
-                else {experts[m].backend for m in models})
-        backends = {b for b in used if not state.pool.is_on_demand(b)}  # those come up for their wave
-        timeout = max([b.launch.startup_timeout_s for b in config.backends.values() if b.launch] + [60.0])
-        if backends:
-            print(f"batch: waiting for {', '.join(sorted(backends))} ...", file=sys.stderr, flush=True)
-        await _wait_ready(state, backends, timeout)
+    done = finished_ids(output) | finished_ids(errors)
+    models = {i.model for i in items if i.custom_id not in done}
+    experts = {e.name: e for e in cfg.experts}
+    used = ({e.backend for e in experts.values()} if ROUTED_MODEL in models
+            else {experts[m].backend for m in models if m in experts})
+    async with Runtime(args.config, config=cfg, backends=used, batches=False, watch=False,
+                       routing=ROUTED_MODEL in models) as runtime:
+        waiting = {b for b in used if not runtime.pool.is_on_demand(b)}  # those come up for their wave
+        if waiting:
+            print(f"batch: waiting for {', '.join(sorted(waiting))} ...", file=sys.stderr, flush=True)
+        await runtime.wait_ready(waiting, runtime.startup_timeout_s())
         report = Reporter()
-        runner = WaveRunner(state.dispatcher, models=state.pool, metrics=state.metrics,
+        runner = WaveRunner(runtime.dispatcher, models=runtime.pool, metrics=runtime.metrics,
                             concurrency=args.concurrency, on_event=report.event)
-
-        async def run_one(item: Any, request_id: str, caller: ChatCaller) -> tuple[int, dict[str, Any]]:
-            return await execute(state, item, request_id, caller)
-
-        progress = await run_batch(items, run_one, runner, output=output, errors=errors, window=args.window,
-                                   on_progress=report)
+        progress = await run_batch(items, runtime.chat.execute, runner, output=output, errors=errors,
+                                   window=args.window, on_progress=report)
         report(progress, final=True)
         return progress, runner
 
 
 def cmd_batch_run(args: argparse.Namespace) -> int:
     from coe.logs import configure
-    from services.api.chat.execute import check_body
+    from coe.runtime import check_body
 
     configure(args.log_level)
     cfg = load_registry(args.config)
     items = read_batch(Path(args.input), {ROUTED_MODEL, *(e.name for e in cfg.experts)}, check_body)
     output = Path(args.output)
     errors = Path(args.errors) if args.errors else errors_path(output)
-    progress, runner = asyncio.run(_run(args, items, output, errors))
+    progress, runner = asyncio.run(_run(args, cfg, items, output, errors))
     print(json.dumps({**progress.to_json(), **runner.stats.to_json(), "output": str(output), "errors": str(errors)}))
     return 0 if progress.failed == 0 else 2
 

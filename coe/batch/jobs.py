@@ -32,12 +32,13 @@ left at ``enqueued: false``.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import time
 import uuid
 from collections.abc import Collection
 from typing import Any
+
+import orjson
 
 from coe.batch.lines import CHAT_URL, BatchItem, BodyCheck, output_line, parse_batch
 from coe.batch.queue import WorkQueue
@@ -288,8 +289,8 @@ class BatchJobs:
         return True
 
     async def _result_file(self, file_id: str, lines: list[dict[str, Any]]) -> dict[str, Any]:
-        text = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines)
-        return await self.create_file(f"{file_id}.jsonl", "batch_output", text.encode(), file_id=file_id)
+        content = b"".join(orjson.dumps(x) + b"\n" for x in lines)
+        return await self.create_file(f"{file_id}.jsonl", "batch_output", content, file_id=file_id)
 
     async def recover(self) -> int:
         """Re-enqueue batches accepted but not fully enqueued (a crash mid-accept); finalize finished ones."""

@@ -18,7 +18,6 @@ many machines share it.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -31,6 +30,7 @@ import orjson
 
 from coe.config import StoreConfig
 from coe.errors import StoreError
+from coe.store import is_durable_url, store_url
 
 GROUP = "workers"
 
@@ -228,8 +228,7 @@ def _text(value: Any) -> str:
 
 def open_queue(cfg: StoreConfig, *, durable_store: bool, environ: Mapping[str, str] | None = None) -> WorkQueue:
     """The queue beside the state store: a Redis stream when the store is Redis, else in memory."""
-    env = os.environ if environ is None else environ
-    url = env.get("COE_REDIS_URL") or cfg.redis_url
-    if durable_store and url and not url.startswith("memory:"):
+    url = store_url(cfg, environ)
+    if durable_store and url and is_durable_url(url):
         return RedisStreamQueue.from_url(url, cfg.prefix)
     return MemoryQueue()

@@ -15,7 +15,6 @@ Contract:
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import uuid
@@ -23,6 +22,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
+
+import orjson
 
 from coe.batch.lines import BatchItem, output_line
 from coe.batch.stages import Job, WaveRunner
@@ -72,7 +73,7 @@ def finished_ids(path: Path) -> set[str]:
     ids = set()
     for line in data.splitlines():
         if line.strip():
-            ids.add(str(json.loads(line)["custom_id"]))
+            ids.add(str(orjson.loads(line)["custom_id"]))
     return ids
 
 
@@ -82,7 +83,7 @@ class _Appender:
         self._file: IO[bytes] = path.open("ab")
 
     def write(self, obj: dict[str, Any]) -> None:
-        self._file.write(json.dumps(obj, ensure_ascii=False).encode() + b"\n")
+        self._file.write(orjson.dumps(obj) + b"\n")
         self._file.flush()
         os.fsync(self._file.fileno())
 

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 from coe import usage as usage_mod
 from coe.backends.base import ChatStream
 from coe.backends.pool import BackendPool, BackendRuntime
-from coe.config import DispatchConfig, ExpertConfig
+from coe.config import BackendConfig, DispatchConfig, ExpertConfig
 from coe.dispatch.body import upstream_body
 from coe.dispatch.residency import Residency
 from coe.dispatch.schedule import BackendSchedule
@@ -178,6 +178,23 @@ class Dispatcher:
         if lane is None or lane.backend is not backend or lane.config is not self.config:
             lane = self._lanes[backend.name] = Lane.build(backend, self.config, self.metrics)
         return lane
+
+    async def configure(self, config: DispatchConfig, backends: dict[str, BackendConfig]) -> None:
+        """A registry (re)load: the backends to run (started, stopped or rebuilt as they changed) and the
+        dispatch settings. The registry calls this rather than reaching into the pool."""
+        self.pool.set_health_interval(config.health_interval_s)
+        await self.pool.reconcile(backends)
+        self.config = config
+
+    async def served_models(self, backend: str) -> set[str]:
+        """The model and adapter names a backend's server lists now."""
+        return {str(m.get("id")) for m in await self.pool.get(backend).api.list_models()}
+
+    async def unload_adapter(self, backend: str, adapter: str) -> None:
+        """Unload ``adapter`` from ``backend``'s server, under the adapter's lock (no load races it)."""
+        runtime = self.pool.get(backend)
+        async with runtime.adapter_lock(adapter):
+            await runtime.api.unload_adapter(adapter)
 
     async def ensure_adapter(self, expert: ExpertConfig) -> None:
         """Load the expert's adapter into its backend (a no-op when already there)."""

@@ -12,15 +12,15 @@ from langgraph.runtime import Runtime
 from coe.aggregate import (
     AGGREGATORS,
     AggregateInput,
-    Answer,
     FinalCall,
     FinalText,
     agreement,
     choices_in,
 )
 from coe.errors import BackendUnavailable, CoeError, UpstreamTimeout
+from coe.pipeline import final as final_stage
 from coe.pipeline.fanout import content_of, fan_out
-from coe.pipeline.state import CallRecord, Context, State
+from coe.pipeline.state import Context, State
 from coe.pipeline.text import conversation_text, last_user_text, with_passages
 from routers.base import ExpertChoice, RouteRequest, RoutingDecision
 
@@ -203,48 +203,23 @@ async def aggregate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     return {"final": plan, "trace": [step]}
 
 
-def _text_response(answer: Answer) -> dict[str, Any]:
-    """An answer already given, as the final completion (reasoning stripped)."""
-    response = dict(answer.response)
-    choices = [dict(c) for c in response.get("choices") or [{}]]
-    choices[0] = {**choices[0], "message": {**(choices[0].get("message") or {}), "role": "assistant",
-                                            "content": answer.text}}
-    return {**response, "choices": choices[:1]}
-
-
-def degrade(state: State, final: FinalCall, exc: CoeError) -> dict[str, Any]:
-    """The aggregator could not be reached: the experts' vote is the answer (recorded), not an error."""
-    vote = AGGREGATORS["vote"]().plan(AggregateInput("", state["answers"], state["agreement"], "", 1))
-    assert isinstance(vote, FinalText)
-    record = CallRecord(final.experts[0], "aggregator", max(state.get("round", 0), 1), "failed", error=exc.message)
-    step = {"step": "answer", "degraded": f"the aggregator failed ({exc.message}); returning the vote: {vote.reason}"}
-    return {"final": vote, "response": _text_response(vote.answer), "answered_by": vote.answer.expert,
-            "calls": [record], "trace": [step]}
-
-
 async def answer(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
-    """The final stage. A ``FinalCall`` is left to the caller when it streams; when the aggregator
-    cannot be reached, the vote of the answers already given is returned rather than an error."""
-    ctx, final = runtime.context, state["final"]
-    if isinstance(final, FinalText):
-        return {"response": _text_response(final.answer), "answered_by": final.answer.expert}
+    """The final stage (``coe.pipeline.final``). A ``FinalCall`` is left to the caller when it streams; when
+    the aggregator cannot be reached, the vote of the answers already given is returned rather than an error."""
+    ctx, plan = runtime.context, state["final"]
+    if isinstance(plan, FinalText):
+        return {"response": final_stage.text_response(plan.answer), "answered_by": plan.answer.expert}
     if ctx.stream:
         return {}
-    role = "final" if not state.get("answers") else "aggregator"
-    experts = [ctx.registry.experts[n] for n in final.experts if n in ctx.registry.experts]
-    body = {**ctx.params, **final.params, "messages": final.messages}
+    experts, body = final_stage.request(state, plan, ctx.params, ctx.registry.experts)
     try:
-        response, expert, call = await ctx.dispatcher.chat(experts, body, request_id=ctx.request_id)
+        response, _, call = await ctx.dispatcher.chat(experts, body, request_id=ctx.request_id)
     except CoeError as exc:
-        if role == "final":
+        if final_stage.role(state) == "final":
             raise
-        return degrade(state, final, exc)
-    record = CallRecord(expert.name, role, max(state.get("round", 0), 1), "ok", call.usage, call.cost,
-                        call.latency_ms)
-    step = {"step": "answer", "expert": expert.name, "role": role,
-            **({"skipped": call.skipped} if call.skipped else {})}
-    return {"response": response, "answered_by": expert.name, "calls": [record], "trace": [step]}
+        return final_stage.degrade(state, plan, exc)
+    return {"response": response, **final_stage.answered(state, call)}
 
 
-__all__ = ["aggregate", "answer", "assess", "classify", "content_of", "degrade", "escalate", "fanout", "recruit",
+__all__ = ["aggregate", "answer", "assess", "classify", "content_of", "escalate", "fanout", "recruit",
            "retrieve", "should_escalate", "single"]

@@ -17,8 +17,7 @@ from coe.files import publish_folder
 from coe.rag.chunk import Chunk, chunk_text
 
 if TYPE_CHECKING:
-    from coe.classifier import Matrix
-    from coe.embed import Embedder
+    from coe.embed import Embedder, Matrix
 
 INDEX_FORMAT = 1
 SUFFIXES = (".txt", ".md", ".markdown")

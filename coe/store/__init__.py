@@ -18,7 +18,7 @@ from coe.errors import ConfigError
 from coe.store.base import StateStore
 from coe.store.memory import MemoryStore
 
-__all__ = ["ENV_URL", "STORES", "MemoryStore", "StateStore", "StoreFactory", "open_store"]
+__all__ = ["ENV_URL", "STORES", "MemoryStore", "StateStore", "StoreFactory", "open_store", "store_url"]
 
 ENV_URL = "COE_REDIS_URL"
 
@@ -46,12 +46,24 @@ STORES: dict[str, StoreFactory] = {
 """URL scheme -> implementation. ``memory://`` lets ``COE_REDIS_URL`` force the in-memory store."""
 
 
+def store_url(cfg: StoreConfig, environ: Mapping[str, str] | None = None) -> str | None:
+    """The state store's URL: ``COE_REDIS_URL`` when set, else ``store.redis_url``; None means in memory.
+    The one place that resolves it (the store, the batch queue and ``coe worker`` all ask here)."""
+    env = os.environ if environ is None else environ
+    return env.get(ENV_URL) or cfg.redis_url or None
+
+
+def is_durable_url(url: str | None) -> bool:
+    """Whether ``url`` names a shared, durable store (not in memory)."""
+    return bool(url) and not str(url).startswith("memory:")
+
+
 def open_store(cfg: StoreConfig | None = None, *, environ: Mapping[str, str] | None = None) -> StateStore:
     """The store the config (or ``COE_REDIS_URL``) asks for; raises ``ConfigError`` on an unknown scheme."""
     cfg = cfg if cfg is not None else StoreConfig()
     env = os.environ if environ is None else environ
     from_env = env.get(ENV_URL)
-    url = from_env or cfg.redis_url
+    url = store_url(cfg, env)
     if not url:
         return MemoryStore()
     scheme = urlsplit(url).scheme.lower()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -12,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from coe.errors import CoeError, InvalidRequest
+from coe.errors import CoeError, from_validation
 
 log = logging.getLogger("coe.api")
 
@@ -28,26 +27,6 @@ def openai_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: ERROR_SCHEMA for s in statuses}
 
 
-def format_param(loc: tuple[Any, ...]) -> str:
-    parts = [p for p in loc if p != "body"]
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out
-
-
-def validation_error(errors: Sequence[Any]) -> InvalidRequest:
-    first = errors[0]
-    param = format_param(tuple(first.get("loc", ())))
-    msg = first.get("msg", "invalid value")
-    if first.get("type") == "json_invalid":
-        return InvalidRequest(f"the request body is not valid JSON: {first.get('ctx', {}).get('error', msg)}")
-    if first.get("type") == "missing":
-        msg = "this field is required"
-    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-    return InvalidRequest(f"{param}: {msg}{more}" if param else f"{msg}{more}", param=param or None)
-
-
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -56,7 +35,7 @@ async def parse_body(request: Request, model: type[M]) -> M:
     try:
         return model.model_validate_json(await request.body())
     except ValidationError as exc:
-        raise validation_error(exc.errors()) from None
+        raise from_validation(exc.errors()) from None
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:
@@ -78,7 +57,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(validation_error(exc.errors()))
+        return error_response(from_validation(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:

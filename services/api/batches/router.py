@@ -13,10 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from coe.batch.lines import CHAT_URL
 from coe.config import ROUTED_MODEL
+from coe.runtime import check_body
 from services.api.auth import check_client
-from services.api.chat.execute import check_body
 from services.api.errors import json_body, openai_responses, parse_body
-from services.api.files.router import jobs_of
+from services.api.state import jobs_of, runtime_of
 
 router = APIRouter(tags=["batches"], dependencies=[Depends(check_client)])
 
@@ -33,12 +33,12 @@ class CreateBatch(BaseModel):
 @router.post("/v1/batches", responses=openai_responses(400, 404), openapi_extra=json_body(CreateBatch),
              summary="Create a batch from an uploaded file; every bad line is reported and nothing is accepted")
 async def create_batch(request: Request) -> dict[str, Any]:
-    from services.api.app import state_of
+    from services.api.state import jobs_of
 
     body = await parse_body(request, CreateBatch)
-    registry = state_of(request.app).registry.current
+    registry = runtime_of(request.app).registry.current
     models = {ROUTED_MODEL, *registry.experts}
-    return await jobs_of(request).create_batch(body.input_file_id, body.endpoint, body.completion_window,
+    return await jobs_of(request.app).create_batch(body.input_file_id, body.endpoint, body.completion_window,
                                                body.metadata, models, check_body,
                                                expiry_s=registry.config.store.batch_expiry_s)
 
@@ -46,16 +46,16 @@ async def create_batch(request: Request) -> dict[str, Any]:
 @router.get("/v1/batches/{batch_id}", responses=openai_responses(404))
 async def get_batch(batch_id: str, request: Request) -> dict[str, Any]:
     """Reading a batch past its window ends it ``expired`` here, so no worker need be running."""
-    return await jobs_of(request).get_batch(batch_id)
+    return await jobs_of(request.app).get_batch(batch_id)
 
 
 @router.post("/v1/batches/{batch_id}/cancel", responses=openai_responses(404, 409))
 async def cancel_batch(batch_id: str, request: Request) -> dict[str, Any]:
-    return await jobs_of(request).cancel_batch(batch_id)
+    return await jobs_of(request.app).cancel_batch(batch_id)
 
 
 @router.get("/v1/batches", summary="Batches, newest first")
 async def list_batches(request: Request, limit: int = 20, after: str | None = None) -> dict[str, Any]:
-    page, more = await jobs_of(request).list_batches(max(1, min(limit, 100)), after)
+    page, more = await jobs_of(request.app).list_batches(max(1, min(limit, 100)), after)
     return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
             "last_id": page[-1]["id"] if page else None, "has_more": more}

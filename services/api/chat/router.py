@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from coe.runtime import ChatCompletionRequest
 from services.api.auth import check_client
-from services.api.chat import service
-from services.api.chat.protocol import ChatCompletionRequest
 from services.api.errors import json_body, openai_responses, parse_body
+from services.api.state import state_of
 
 router = APIRouter(tags=["chat"])
 
@@ -22,4 +22,4 @@ router = APIRouter(tags=["chat"])
 )
 async def chat_completions(request: Request) -> Response:
     # Parsed here rather than by FastAPI: one pass from bytes, and errors name the exact param.
-    return await service.create(request, await parse_body(request, ChatCompletionRequest))
+    return await state_of(request.app).chat.create(request, await parse_body(request, ChatCompletionRequest))

@@ -13,9 +13,9 @@ from fastapi.responses import JSONResponse
 
 from coe.config import ExpertConfig
 from coe.errors import NotFound
-from services.api.app import state_of
 from services.api.auth import check_admin, check_client
 from services.api.errors import json_body, openai_responses, parse_body
+from services.api.state import runtime_of
 
 router = APIRouter(tags=["experts"])
 
@@ -26,13 +26,13 @@ def _describe(expert: ExpertConfig, source: str) -> dict[str, Any]:
 
 @router.get("/v1/experts", dependencies=[Depends(check_client)], summary="Every expert with its source")
 async def list_experts(request: Request) -> dict[str, Any]:
-    registry = state_of(request.app).registry.current
+    registry = runtime_of(request.app).registry.current
     return {"object": "list", "data": [_describe(e, registry.sources[n]) for n, e in registry.experts.items()]}
 
 
 @router.get("/v1/experts/{name}", dependencies=[Depends(check_client)], responses=openai_responses(404))
 async def get_expert(name: str, request: Request) -> dict[str, Any]:
-    registry = state_of(request.app).registry.current
+    registry = runtime_of(request.app).registry.current
     expert = registry.expert(name)
     if expert is None:
         raise NotFound(f"no expert named {name!r}", code="expert_not_found")
@@ -47,12 +47,12 @@ async def get_expert(name: str, request: Request) -> dict[str, Any]:
 )
 async def register_expert(request: Request) -> JSONResponse:
     expert = await parse_body(request, ExpertConfig)
-    registered = await state_of(request.app).registry.register(expert)
+    registered = await runtime_of(request.app).registry.register(expert)
     return JSONResponse(_describe(registered, "api"), status_code=201)
 
 
 @router.delete("/v1/experts/{name}", dependencies=[Depends(check_admin)],
                responses=openai_responses(403, 404, 409), summary="Remove an API-registered expert (admin)")
 async def delete_expert(name: str, request: Request) -> dict[str, Any]:
-    await state_of(request.app).registry.unregister(name)
+    await runtime_of(request.app).registry.unregister(name)
     return {"id": name, "object": "expert", "deleted": True}

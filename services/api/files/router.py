@@ -12,22 +12,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
-from coe.batch.jobs import BatchJobs
-from coe.errors import BackendUnavailable, InvalidRequest
-from services.api.app import state_of
+from coe.errors import InvalidRequest
 from services.api.auth import check_client
 from services.api.errors import openai_responses
+from services.api.state import jobs_of
 
 router = APIRouter(tags=["files"], dependencies=[Depends(check_client)])
 
 PURPOSES = ("batch",)
-
-
-def jobs_of(request: Request) -> BatchJobs:
-    jobs = state_of(request.app).jobs
-    if jobs is None:
-        raise BackendUnavailable("batch storage is not ready yet", retry_after=1)
-    return jobs
 
 
 @router.post("/v1/files", responses=openai_responses(400, 413), summary="Upload a file (purpose 'batch')",
@@ -36,7 +28,7 @@ def jobs_of(request: Request) -> BatchJobs:
                  "properties": {"file": {"type": "string", "format": "binary"},
                                 "purpose": {"type": "string", "enum": list(PURPOSES)}}}}}}})
 async def create_file(request: Request) -> dict[str, Any]:
-    jobs = jobs_of(request)
+    jobs = jobs_of(request.app)
     try:
         form = await request.form(max_files=1, max_fields=8, max_part_size=jobs.max_file_bytes + 1)
     except Exception as exc:  # starlette raises MultiPartException / ValueError on malformed bodies
@@ -52,21 +44,21 @@ async def create_file(request: Request) -> dict[str, Any]:
 
 @router.get("/v1/files", summary="Files, newest first")
 async def list_files(request: Request, purpose: str | None = None) -> dict[str, Any]:
-    files = await jobs_of(request).list_files(purpose)
+    files = await jobs_of(request.app).list_files(purpose)
     return {"object": "list", "data": files, "has_more": False}
 
 
 @router.get("/v1/files/{file_id}", responses=openai_responses(404))
 async def get_file(file_id: str, request: Request) -> dict[str, Any]:
-    return await jobs_of(request).get_file(file_id)
+    return await jobs_of(request.app).get_file(file_id)
 
 
 @router.get("/v1/files/{file_id}/content", responses=openai_responses(404), response_class=Response)
 async def file_content(file_id: str, request: Request) -> Response:
-    text = await jobs_of(request).file_text(file_id)
+    text = await jobs_of(request.app).file_text(file_id)
     return Response(text.encode(), media_type="application/octet-stream")
 
 
 @router.delete("/v1/files/{file_id}", responses=openai_responses(404))
 async def delete_file(file_id: str, request: Request) -> dict[str, Any]:
-    return await jobs_of(request).delete_file(file_id)
+    return await jobs_of(request.app).delete_file(file_id)

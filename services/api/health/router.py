@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from services.api.app import state_of
+from services.api.state import runtime_of
 
 router = APIRouter(tags=["health"])
 
@@ -20,18 +20,18 @@ async def live() -> dict[str, str]:
 @router.get("/health/ready", summary="Ready while the registry is valid and a backend is healthy",
             responses={503: {"description": "not ready; the body says why"}})
 async def ready(request: Request) -> JSONResponse:
-    state = state_of(request.app)
-    backends = {name: b.describe() for name, b in state.pool.all().items()}
-    online = [b for name, b in backends.items() if not state.pool.is_on_demand(name)]
+    runtime = runtime_of(request.app)
+    backends = {name: b.describe() for name, b in runtime.pool.all().items()}
+    online = [b for name, b in backends.items() if not runtime.pool.is_on_demand(name)]
     # on-demand backends are down until batch work needs them: a server with only those is ready for batches
     healthy = any(b["state"] == "healthy" for b in online) or (bool(backends) and not online)
     body: dict[str, Any] = {
-        "status": "ready" if healthy and not state.draining else "not_ready",
-        "registry": {"valid": True, "experts": len(state.registry.current.experts),
-                     "last_reload_error": state.registry.last_error},
+        "status": "ready" if healthy and not runtime.draining else "not_ready",
+        "registry": {"valid": True, "experts": len(runtime.registry.current.experts),
+                     "last_reload_error": runtime.registry.last_error},
         "backends": backends,
     }
-    if state.draining:
+    if runtime.draining:
         body["reason"] = "shutting down"
     elif not healthy:
         body["reason"] = "no backend is healthy yet"
@@ -40,7 +40,7 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("/metrics", summary="Prometheus metrics (names start with coe_)")
 async def metrics(request: Request) -> Response:
-    state = state_of(request.app)
-    for name, backend in state.pool.all().items():
-        state.metrics.backend_up.labels(name).set(1 if backend.is_healthy else 0)
-    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    runtime = runtime_of(request.app)
+    for name, backend in runtime.pool.all().items():
+        runtime.metrics.backend_up.labels(name).set(1 if backend.is_healthy else 0)
+    return Response(runtime.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -9,9 +9,9 @@ from fastapi import APIRouter, Depends, Request
 
 from coe.config import ROUTED_MODEL, ExpertConfig
 from coe.errors import ModelNotFound
-from services.api.app import state_of
 from services.api.auth import check_client
 from services.api.errors import openai_responses
+from services.api.state import runtime_of
 
 router = APIRouter(tags=["models"], dependencies=[Depends(check_client)])
 
@@ -35,7 +35,7 @@ def _routed() -> dict[str, Any]:
 
 @router.get("/v1/models", summary="List the coe model and every expert")
 async def list_models(request: Request) -> dict[str, Any]:
-    registry = state_of(request.app).registry.current
+    registry = runtime_of(request.app).registry.current
     data = [_routed()] + [_entry(e, registry.sources[n]) for n, e in registry.experts.items()]
     return {"object": "list", "data": data}
 
@@ -44,7 +44,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 async def get_model(model: str, request: Request) -> dict[str, Any]:
     if model == ROUTED_MODEL:
         return _routed()
-    registry = state_of(request.app).registry.current
+    registry = runtime_of(request.app).registry.current
     expert = registry.expert(model)
     if expert is None:
         raise ModelNotFound(f"The model '{model}' does not exist", param="model")

@@ -7,12 +7,12 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from coe.routing import record
+from coe.runtime import ChatCompletionRequest
 from routers import RouteRequest
-from services.api.app import state_of
+from routers.decisions import record
 from services.api.auth import check_client
-from services.api.chat.protocol import ChatCompletionRequest
 from services.api.errors import json_body, openai_responses, parse_body
+from services.api.state import runtime_of
 
 router = APIRouter(tags=["route"])
 
@@ -22,7 +22,7 @@ router = APIRouter(tags=["route"])
              summary="Which experts would answer this chat request, and why (no expert is called)")
 async def route(request: Request) -> dict[str, Any]:
     body = await parse_body(request, ChatCompletionRequest)
-    registry = state_of(request.app).registry.current
+    registry = runtime_of(request.app).registry.current
     started = time.perf_counter()
     route_request = RouteRequest(messages=[m.model_dump(exclude_unset=True) for m in body.messages],
                                  session=body.user or request.headers.get("x-coe-session"),

@@ -1,6 +1,6 @@
 """Level 1: which category a conversation is about (Composition of Experts).
 
-The fitted ``coe.classifier`` gives calibrated P(category | text). A router
+The fitted ``routers.classifier`` gives calibrated P(category | text). A router
 classifies the conversation, not only its last message: the last user message
 and the few before it (newest first) are embedded together, and their
 log-probabilities are averaged, so "and in Python?" stays with the coding
@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 from coe.config import RegistryConfig
 from coe.embed import Embedder
-from coe.fit import ensure_classifier
+from routers.fit import ensure_classifier
 
 if TYPE_CHECKING:
-    from coe.classifier import CategoryClassifier, Matrix
+    from coe.embed import Matrix
+    from routers.classifier import CategoryClassifier
 
 CONTEXT_TURNS = 3
 """User turns (the last one included) that make up a conversation's context text."""

@@ -1,4 +1,4 @@
-"""Wire models for ``POST /v1/chat/completions``.
+"""Wire models for ``POST /v1/chat/completions`` (and a batch line's body: the same checks).
 
 Validated fields are the ones coe itself reads or that clients commonly get
 wrong; any other OpenAI or vLLM parameter (``top_k``, ``repetition_penalty``,
@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from coe.aggregate import AGGREGATORS
 from coe.config import check_known
 
 
@@ -42,8 +43,6 @@ class CoeOptions(BaseModel):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str | None) -> str | None:
-        from coe.aggregate import AGGREGATORS
-
         return None if value is None else check_known(value, AGGREGATORS, "strategy")
 
     @model_validator(mode="after")

@@ -33,24 +33,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from coe.classifier import CategoryClassifier, Knn, LexicalLinear, Linear, faiss_index, log_softmax
 from coe.config import RegistryConfig
 from coe.errors import ConfigError
 from coe.files import locked, publish_folder
 from coe.jsonl import read_jsonl
-from coe.profiles import skills_of
-from coe.tfidf import Tfidf
+from routers.classifier import CategoryClassifier, Knn, LexicalLinear, Linear, faiss_index, log_softmax
+from routers.profiles import skills_of
+from routers.tfidf import Tfidf
 
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-    from coe.classifier import Matrix
-    from coe.embed import Embedder
+    from coe.embed import Embedder, Matrix
 
     Labels = npt.NDArray[np.int64]
 
-log = logging.getLogger("coe.fit")
+log = logging.getLogger("coe.routers.fit")
 
 FIT_VERSION = 2
 """Part of the fingerprint: bump when the recipe changes, so old artifacts are refitted."""

@@ -11,7 +11,7 @@ A log-linear ensemble over one query's MiniLM embedding and its words:
 Each member gives log-probabilities; the ensemble adds them with weights chosen
 on held-out data, then divides by a temperature fitted on that held-out data, so
 the top probability is a calibrated confidence and the fallback threshold means
-what it says. ``coe.fit`` builds it.
+what it says. ``routers.fit`` builds it.
 
 The artifact is one folder: ``meta.json`` (format version, classes, weights,
 temperature, fit metadata), ``knn.faiss`` + ``knn_labels.npy``, ``linear_W.npy``,
@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from coe.errors import ConfigError
-from coe.tfidf import Tfidf
+from routers.tfidf import Tfidf
 
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-    Matrix = npt.NDArray[np.float32]
+    from coe.embed import Matrix
 
 ARTIFACT_FORMAT = 1
 MEMBERS = ("linear", "knn", "tfidf")
@@ -137,7 +137,7 @@ class CategoryClassifier:
     # -- the artifact -----------------------------------------------------------------
 
     def save(self, folder: Path) -> None:
-        """Write every file into ``folder`` (which must exist and be empty; ``coe.fit`` renames it in)."""
+        """Write every file into ``folder`` (which must exist and be empty; ``routers.fit`` renames it in)."""
         import faiss
         import numpy as np
 

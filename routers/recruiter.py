@@ -6,7 +6,7 @@
   least ``min_count`` times are kept and each is mapped to its nearest profile skill.
 - Each expert's fit is ``w_m = S_m(q) × γ_m``: local suitability (the sum of its
   per-skill profile scores over the query's skills) times global strength
-  (``γ_m ∝ accuracy^(1/τ)``). See ``coe.profiles``.
+  (``γ_m ∝ accuracy^(1/τ)``). See ``routers.profiles``.
 - Profiles come from ``coe profile`` (``router.profiles``), re-read when the file
   changes; an expert without a measured profile (say, one just registered) gets
   a synthetic one from its declared skills and categories until it is profiled.
@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any
 from coe.config import ExpertConfig, RouterConfig
 from coe.embed import Embedder
 from coe.errors import BackendUnavailable
-from coe.profiles import ExpertProfile, ProfileSet, synthetic_profiles
 from routers.base import Completer
+from routers.profiles import ExpertProfile, ProfileSet, synthetic_profiles
 
 if TYPE_CHECKING:
-    from coe.classifier import Matrix
+    from coe.embed import Matrix
 
-log = logging.getLogger("coe.routers.symbolic")
+log = logging.getLogger("coe.routers.recruiter")
 
 
 ANNOTATOR_PROMPT = (
