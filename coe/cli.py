@@ -320,7 +320,7 @@ def _parser(extend: Extend | None = None) -> argparse.ArgumentParser:
     ingest.add_argument("paths", nargs="+", metavar="PATH")
     ingest.add_argument("--index", help="index name (default: rag.index)")
 
-    from coe.batch.command import add_commands as add_batch_commands
+    from coe.cli_batch import add_commands as add_batch_commands
 
     add_batch_commands(sub, command)
 

@@ -2,8 +2,10 @@
 
 ``lines`` parses and checks the input (every bad line reported, nothing run) and
 shapes output lines; ``run`` executes items in one process with a crash-safe,
-resumable result file. ``coe batch run`` wires them to the same request paths
-the API serves (``services.api.chat.execute``).
+resumable result file; ``jobs``, ``queue`` and ``worker`` are the Batches API's
+durable jobs; ``stages`` runs items in waves grouped by expert. The items run
+through the request paths the API serves (``coe.runtime.ChatPaths.execute``);
+the commands are in ``coe.cli_batch``.
 """
 
 from coe.batch.lines import CHAT_URL, BatchItem, output_line, read_batch

@@ -5,22 +5,29 @@ imports an endpoint, so the endpoint folders and the app factory import this mod
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+
+from fastapi import Request
+from fastapi.responses import Response
 
 from coe.batch.jobs import BatchJobs
 from coe.errors import BackendUnavailable
-from coe.runtime import Runtime
+from coe.runtime import ChatCompletionRequest, Runtime
 from services.api.auth import AuthKeys
 
-if TYPE_CHECKING:
-    from services.api.chat.serving import ChatServing
+
+class ChatEndpoint(Protocol):
+    """What ``POST /v1/chat/completions`` calls (``services.api.chat.serving.ChatServing``; named by
+    shape so that this module imports no endpoint)."""
+
+    async def create(self, request: Request, body: ChatCompletionRequest) -> Response: ...
 
 
 @dataclass
 class ApiState:
     runtime: Runtime
     keys: AuthKeys
-    chat: ChatServing
+    chat: ChatEndpoint
 
 
 def state_of(app: Any) -> ApiState:
