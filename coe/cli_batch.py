@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -92,11 +93,12 @@ async def _run(args: argparse.Namespace, cfg: RegistryConfig, items: list[BatchI
 
 def cmd_batch_run(args: argparse.Namespace) -> int:
     from coe.logs import configure
-    from coe.runtime import check_body
+    from coe.runtime import body_checker
 
     configure(args.log_level)
     cfg = load_registry(args.config)
-    items = read_batch(Path(args.input), {ROUTED_MODEL, *(e.name for e in cfg.experts)}, check_body)
+    items = read_batch(Path(args.input), {ROUTED_MODEL, *(e.name for e in cfg.experts)},
+                       body_checker(cfg, {e.name: e for e in cfg.experts}))
     output = Path(args.output)
     errors = Path(args.errors) if args.errors else errors_path(output)
     progress, runner = asyncio.run(_run(args, cfg, items, output, errors))
@@ -152,46 +154,72 @@ async def _work(config: str, cfg: RegistryConfig) -> None:
         await stop.wait()
 
 
-def _client(args: argparse.Namespace) -> Any:
-    import httpx
+class _Remote:
+    """A running coe's OpenAI API over HTTP; every failure is one clear line (``InvalidRequest``), never a
+    traceback: a server that does not answer, an error status (with a hint when ``--base-url`` lacks
+    ``/v1``)."""
 
-    key = args.api_key or os.environ.get("COE_API_KEY")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=args.base_url.rstrip("/"), headers=headers, timeout=120)
+    def __init__(self, args: argparse.Namespace) -> None:
+        import httpx
 
+        key = args.api_key or os.environ.get("COE_API_KEY")
+        self.base_url = args.base_url.rstrip("/")
+        self.http = httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {key}"} if key else {},
+                                 timeout=120)
 
-def _checked(response: Any) -> Any:
-    if response.status_code >= 400:
+    def __enter__(self) -> _Remote:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.http.close()
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        import httpx
+
         try:
-            message = response.json()["error"]["message"]
-        except Exception:
-            message = response.text[:500]
-        raise InvalidRequest(f"HTTP {response.status_code}: {message}")
-    return response
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise InvalidRequest(f"cannot reach {self.base_url}{path}: {exc or type(exc).__name__} "
+                                 "(is coe running there?)") from exc
+        if response.status_code >= 400:
+            try:
+                message = response.json()["error"]["message"]
+            except Exception:
+                message = response.text[:500]
+            hint = ""
+            if response.status_code == 404 and not self.base_url.endswith("/v1"):
+                hint = f" (--base-url is usually the server's OpenAI base URL, e.g. {self.base_url}/v1)"
+            raise InvalidRequest(f"HTTP {response.status_code}: {message}{hint}")
+        return response
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     path = Path(args.input)
-    with _client(args) as http:
+    with _Remote(args) as remote:
         with path.open("rb") as f:
-            uploaded = _checked(http.post("/files", files={"file": (path.name, f)}, data={"purpose": "batch"})).json()
-        batch = _checked(http.post("/batches", json={"input_file_id": uploaded["id"],
-                                                     "endpoint": "/v1/chat/completions",
-                                                     "completion_window": "24h"})).json()
+            uploaded = remote.call("POST", "/files", files={"file": (path.name, f)}, data={"purpose": "batch"}).json()
+        try:
+            batch = remote.call("POST", "/batches", json={"input_file_id": uploaded["id"],
+                                                          "endpoint": "/v1/chat/completions",
+                                                          "completion_window": "24h"}).json()
+        except InvalidRequest:
+            with contextlib.suppress(InvalidRequest):  # a refused batch leaves no file behind
+                remote.call("DELETE", f"/files/{uploaded['id']}")
+            raise
     print(json.dumps(batch, indent=2))
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with _client(args) as http:
-        batch = _checked(http.get(f"/batches/{args.batch_id}")).json()
+    with _Remote(args) as remote:
+        batch = remote.call("GET", f"/batches/{args.batch_id}").json()
     print(json.dumps(batch, indent=2))
     return 0
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    with _client(args) as http:
-        batch = _checked(http.get(f"/batches/{args.batch_id}")).json()
+    with _Remote(args) as remote:
+        batch = remote.call("GET", f"/batches/{args.batch_id}").json()
         if batch["status"] not in ("completed", "cancelled", "expired", "failed"):
             counts = batch.get("request_counts") or {}
             raise InvalidRequest(f"batch {args.batch_id} is {batch['status']} ({counts.get('completed', 0)} "
@@ -202,7 +230,7 @@ def cmd_download(args: argparse.Namespace) -> int:
         errors = Path(args.errors) if args.errors else output.with_name(f"{output.stem}.errors{output.suffix}")
         for key, name, path in (("output_file_id", "output", output), ("error_file_id", "errors", errors)):
             if batch.get(key):
-                path.write_bytes(_checked(http.get(f"/files/{batch[key]}/content")).content)
+                path.write_bytes(remote.call("GET", f"/files/{batch[key]}/content").content)
                 written[name] = str(path)
     print(json.dumps({"status": batch["status"], "request_counts": batch.get("request_counts"), **written}))
     return 0

@@ -154,6 +154,8 @@ class ExpertConfig(Strict):
     params: dict[str, Any] = Field(default_factory=dict, description="default sampling parameters")
     cost: Cost = Field(default_factory=Cost)
     tier: Literal["standard", "strong"] = "standard"
+    max_tokens: int | None = Field(None, ge=1, description="the most tokens a request may ask this expert for "
+                                   "(max_tokens / max_completion_tokens); default: limits.max_tokens")
 
     _name = field_validator("name")(_check_name)
 
@@ -352,6 +354,16 @@ BackendName = Annotated[str, AfterValidator(_check_name)]
 """A backend's key in ``backends``; checked per key, so each bad name is reported where it is."""
 
 
+class LimitsConfig(Strict):
+    """What one request may ask for. A body over ``max_body_bytes`` gets 413 before it is read whole; the
+    rest get 400 after parsing and before any work, both in OpenAI's error shape."""
+
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="a JSON request body, in bytes")
+    max_messages: int = Field(2048, ge=1, description="messages in one chat request")
+    max_tokens: int = Field(65536, ge=1, description="max_tokens / max_completion_tokens, unless the expert "
+                            "sets its own max_tokens")
+
+
 class RegistryConfig(Strict):
     backends: dict[BackendName, BackendConfig] = Field(default_factory=dict)
     experts: list[ExpertConfig] = Field(default_factory=list)
@@ -361,6 +373,7 @@ class RegistryConfig(Strict):
     rag: RagConfig = Field(default_factory=RagConfig)
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
     def expert(self, name: str) -> ExpertConfig | None:
         for e in self.experts:

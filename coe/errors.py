@@ -9,6 +9,7 @@ errors (httpx, pydantic, yaml, redis) are mapped to these at the boundary with
     CoeError                         500 internal_error
     ├── ConfigError                  500 a registry file is invalid (file:line: field: message)
     ├── InvalidRequest               400 invalid_request_error (param names the field)
+    │   └── PayloadTooLarge          413 code=payload_too_large (a body or file over its limit)
     ├── Unauthorized                 401 authentication_error
     ├── Forbidden                    403 permission_error
     ├── NotFound                     404 not_found_error
@@ -59,6 +60,11 @@ class ConfigError(CoeError):
 class InvalidRequest(CoeError):
     status = 400
     type = "invalid_request_error"
+
+
+class PayloadTooLarge(InvalidRequest):
+    status = 413
+    code = "payload_too_large"
 
 
 class Unauthorized(CoeError):
@@ -129,6 +135,13 @@ class StoreError(CoeError):
     type = "store_error"
 
 
+def clip(value: object, limit: int = 120) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters: a client-sent id of 10k characters
+    is not echoed back whole."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def format_param(loc: Sequence[Any]) -> str:
     """A pydantic error location as the OpenAI ``param``: ``("body", "messages", 0, "role")`` ->
     ``messages[0].role``."""
@@ -142,7 +155,7 @@ def from_validation(errors: Sequence[Mapping[str, Any]]) -> InvalidRequest:
     """pydantic's error list (``ValidationError.errors()``) as one ``InvalidRequest`` naming the first
     problem's ``param``: the same message for a request body, a batch line or an API registration."""
     first = errors[0]
-    param = format_param(tuple(first.get("loc", ())))
+    param = format_param(tuple(first.get("loc", ()))) or str((first.get("ctx") or {}).get("param") or "")
     msg = first.get("msg", "invalid value")
     if first.get("type") == "json_invalid":
         return InvalidRequest(f"the request body is not valid JSON: {first.get('ctx', {}).get('error', msg)}")

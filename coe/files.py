@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,19 +29,41 @@ def locked(folder: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+KEEP_VERSIONS = 3
+"""Published versions kept on disk: the current one and the two before it, so that a reader that resolved
+an older version a moment ago can still read its files."""
+
+
 def publish_folder(folder: Path, build: Callable[[Path], None]) -> None:
-    """Write a folder's files with ``build`` into a temporary sibling, then rename it into place under a
-    lock: readers see the old folder or the new one, never half of one; a crash leaves the old one."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with locked(folder.parent / f".{folder.name}-lock"):
-        work = Path(tempfile.mkdtemp(prefix=f".{folder.name}-build-", dir=folder.parent))
+    """Write a folder's files with ``build`` into a new version beside it, then swap ``folder`` (a symlink
+    to the current version) to it with one atomic ``os.replace``, under a lock. ``folder`` never stops
+    existing: a reader sees the old version or the new one, never none or half of one, and a crash leaves
+    the old one. Readers should resolve it once (``published``) and read every file from there.
+    A ``folder`` that is still a plain folder (written before versions) becomes a version first: that
+    one-time move is the only moment it is missing."""
+    parent = folder.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with locked(parent / f".{folder.name}-lock"):
+        work = Path(tempfile.mkdtemp(prefix=f".{folder.name}-build-", dir=parent))
         try:
             build(work)
-            old = folder.with_name(f".{folder.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            if folder.exists():
-                folder.rename(old)
-            work.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
+            version = parent / f".{folder.name}-v{time.time_ns()}"
+            work.rename(version)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        if folder.is_dir() and not folder.is_symlink():
+            folder.rename(parent / f".{folder.name}-v0")
+        link = parent / f".{folder.name}-link-{uuid.uuid4().hex}"
+        os.symlink(version.name, link)
+        os.replace(link, folder)
+        versions = sorted((p for p in parent.glob(f".{folder.name}-v*") if p.is_dir()),
+                          key=lambda p: int(p.name.rsplit("-v", 1)[1]) if p.name.rsplit("-v", 1)[1].isdigit() else -1)
+        for old in versions[:-KEEP_VERSIONS]:
+            if old != version:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def published(folder: Path) -> Path:
+    """The version ``folder`` points at now (``folder`` itself when it is a plain folder): resolve once,
+    then read every file of one load from the result, so a swap in between cannot mix two versions."""
+    return folder.resolve() if folder.is_symlink() else folder

@@ -51,6 +51,11 @@ class Metrics:
                                          ["backend"], registry=r)
         self.model_loads = Counter("coe_model_loads_total", "Whole-model experts brought up for offline work",
                                    ["backend"], registry=r)
+        self.batch_worker_up = Gauge("coe_batch_worker_up",
+                                     "1 while this process's batch worker loop runs (0: retrying or stopped)",
+                                     registry=r)
+        self.batch_worker_errors = Gauge("coe_batch_worker_errors",
+                                         "Failed (and retried) batch worker loop iterations since start", registry=r)
         self.queue_depth = Gauge("coe_dispatch_queue_depth", "Expert calls waiting for a backend slot",
                                  ["expert"], registry=r)
         self.queue_wait = Histogram("coe_dispatch_wait_seconds", "Time an expert call waited for a backend slot",

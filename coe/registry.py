@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,16 @@ from pydantic import ValidationError
 
 from coe.config import ExpertConfig, RegistryConfig
 from coe.dispatch import Dispatcher
-from coe.errors import BackendUnavailable, ConfigError, Conflict, Forbidden, InvalidRequest, NotFound
+from coe.errors import (
+    BackendUnavailable,
+    ConfigError,
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    StoreError,
+    clip,
+)
 from coe.loader import check_expert, load_registry
 from coe.logs import request_id_var
 from coe.metrics import Metrics
@@ -145,7 +155,7 @@ class RegistryManager:
         self._fingerprint = _fingerprint(self.path)
         self._digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
         config = config if config is not None else load_registry(self.path)
-        for name, doc in (await self.store.items(OVERLAY)).items():
+        for name, doc in (await self._stored_overlay()).items():
             try:
                 expert = self._overlay[name] = ExpertConfig.model_validate(doc.get("expert"))
                 if doc.get("owns_adapter") and expert.adapter is not None:
@@ -156,6 +166,21 @@ class RegistryManager:
         if watch:
             self._watch = asyncio.create_task(self._watch_loop(), name="coe-registry-watch")
         return self.current
+
+    async def _stored_overlay(self, wait_s: float = 60.0) -> dict[str, dict[str, Any]]:
+        """The API experts in the store. A store that does not answer yet (Redis restarting while replicas
+        start) is retried with backoff for up to ``wait_s``, then its error is raised."""
+        deadline = time.monotonic() + wait_s
+        delay = 0.5
+        while True:
+            try:
+                return await self.store.items(OVERLAY)
+            except StoreError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("state store not answering (%s); retrying in %.1fs", exc.message, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def reload(self) -> bool:
         """Re-read the file if it changed. True when a new registry took effect."""
@@ -225,6 +250,20 @@ class RegistryManager:
             raise Forbidden(f"adapter.path {str(path)!r} is not under an allowed root of backend "
                             f"{expert.backend!r}", param="adapter.path")
 
+    @staticmethod
+    def _check_categories(expert: ExpertConfig, config: RegistryConfig) -> None:
+        """A category level 1 does not know would never route to the expert: refused, naming the known ones.
+        Without ``router.categories`` (a router without level 1) the names are only labels: logged."""
+        known = set(config.router.categories)
+        unknown = [c for c in expert.categories if c not in known]
+        if not unknown:
+            return
+        if known:
+            raise InvalidRequest(f"unknown categories: {', '.join(unknown)} (router.categories has "
+                                 f"{', '.join(sorted(known))})", param="categories")
+        log.warning("API expert %s names categories %s, but router.categories is empty: they route nothing",
+                    expert.name, ", ".join(unknown))
+
     async def register(self, expert: ExpertConfig) -> ExpertConfig:
         async with self._lock:
             current = self.current
@@ -236,6 +275,7 @@ class RegistryManager:
                 loc, msg = problems[0]
                 raise InvalidRequest(msg, param=".".join(str(p) for p in loc))
             self._check_adapter_path(expert, current.config)
+            self._check_categories(expert, current.config)
             owns = False
             if expert.adapter is not None:
                 key = (expert.backend, expert.adapter.name)
@@ -258,9 +298,9 @@ class RegistryManager:
             current = self.current
             source = current.sources.get(name)
             if source is None:
-                raise NotFound(f"no expert named {name!r}", code="expert_not_found")
+                raise NotFound(f"no expert named {clip(name)}", code="expert_not_found")
             if source == "file":
-                raise Conflict(f"expert {name!r} is defined in {self.path.name}; edit the file to remove it")
+                raise Conflict(f"expert {clip(name)} is defined in {self.path.name}; edit the file to remove it")
             expert = current.experts[name]
             await self.store.delete(OVERLAY, name)
             self._overlay.pop(name, None)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from coe.errors import ConfigError
+from coe.files import published
 from routers.tfidf import Tfidf
 
 if TYPE_CHECKING:
@@ -164,8 +165,10 @@ class CategoryClassifier:
         import faiss
         import numpy as np
 
+        source = published(folder)  # every file from one version, whatever a refit does meanwhile
+
         try:
-            meta: dict[str, Any] = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+            meta: dict[str, Any] = json.loads((source / "meta.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ConfigError([f"{folder}: not a router artifact ({exc}); fit one with 'coe router fit'"]) from exc
         if meta.get("format") != ARTIFACT_FORMAT:
@@ -176,14 +179,14 @@ class CategoryClassifier:
         try:
             linear = knn = tfidf = None
             if "linear" in members:
-                linear = Linear(np.load(folder / "linear_W.npy"), np.load(folder / "linear_b.npy"),
+                linear = Linear(np.load(source / "linear_W.npy"), np.load(source / "linear_b.npy"),
                                 members["linear"].get("groups"))
             if "knn" in members:
-                knn = Knn(faiss.read_index(str(folder / "knn.faiss")), np.load(folder / "knn_labels.npy"),
+                knn = Knn(faiss.read_index(str(source / "knn.faiss")), np.load(source / "knn_labels.npy"),
                           int(members["knn"]["k"]), len(classes))
             if "tfidf" in members:
-                tfidf = LexicalLinear(Tfidf.load(folder), np.load(folder / "tfidf_W.npy"),
-                                      np.load(folder / "tfidf_b.npy"))
+                tfidf = LexicalLinear(Tfidf.load(source), np.load(source / "tfidf_W.npy"),
+                                      np.load(source / "tfidf_b.npy"))
         except (OSError, ValueError, RuntimeError) as exc:
             raise ConfigError([f"{folder}: router artifact is damaged ({exc}); "
                                "refit it with 'coe router fit'"]) from exc

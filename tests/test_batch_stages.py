@@ -260,3 +260,28 @@ async def test_touch_keeps_the_holders_entries_and_only_its_own(kind: str, reque
         assert sorted(e.custom_id for e in await queue.reclaim("d", 0.5, 10)) == ["x", "y"]
     finally:
         await queue.close()
+
+
+@pytest.mark.redis
+async def test_touch_finds_held_entries_behind_a_long_pending_list(request: pytest.FixtureRequest,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The heartbeat pages through everything the worker holds: 2,500 older entries it still holds (a chunk
+    cut short) do not hide the newest ones from it (it used to read only len + 1024 pending entries)."""
+    from coe.batch import queue as queue_mod
+
+    monkeypatch.setattr(queue_mod, "TOUCH_PAGE", 1000)
+    server = request.getfixturevalue("redis_factory")()
+    queue = RedisStreamQueue.from_url(server.url, f"t{uuid.uuid4().hex[:10]}")
+    try:
+        await queue.push("old", [f"o{i}" for i in range(2500)])
+        assert len(await queue.take("a", 2500, 1.0)) == 2500  # held, never acknowledged
+        await queue.push("new", ["n1", "n2"])
+        held = await queue.take("a", 10, 1.0)
+        assert sorted(e.custom_id for e in held) == ["n1", "n2"]
+        for _ in range(4):
+            await asyncio.sleep(0.25)
+            await queue.touch("a", held)
+        taken = {e.custom_id for e in await queue.reclaim("b", 0.5, 5000)}
+        assert "n1" not in taken and "n2" not in taken and len(taken) == 2500
+    finally:
+        await queue.close()

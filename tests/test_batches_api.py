@@ -196,3 +196,15 @@ async def test_cli_submit_status_download(recorded: tuple[RunningCoe, RecordingT
     assert ids == ["s-1", "s-2"]
     code, _, err = await coe_cli("batch", "status", "batch_nope", *base)
     assert code == 1 and "404" in err
+
+
+async def test_cli_submit_refused_leaves_no_file(recorded: tuple[RunningCoe, RecordingTransport],
+                                                 tmp_path: Any) -> None:
+    """A batch refused at creation (``model: coe`` cannot honour ``n: 2``) takes its uploaded file with it."""
+    coe, _ = recorded
+    source = tmp_path / "bad.jsonl"
+    source.write_bytes(jsonl([request("b-1", model="coe", n=2)]))
+    before = {f.id async for f in coe.client().files.list()}
+    code, _, err = await coe_cli("batch", "submit", str(source), "--base-url", f"{coe.url}/v1")
+    assert code == 1 and "HTTP 400" in err and "line 1" in err, err
+    assert {f.id async for f in coe.client().files.list()} == before

@@ -123,3 +123,17 @@ async def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args", [["models", "build-tiny"], ["serve", "--port", "notaport"]])
 def test_bad_arguments_exit_2(args: list[str]) -> None:
     assert run(*args).returncode == 2
+
+
+def test_batch_client_commands_fail_in_one_line() -> None:
+    """Nothing listening, or a base URL without /v1: one clear line and exit 1, no traceback."""
+    port = free_port()
+    gone = run("batch", "status", "batch_x", "--base-url", f"http://127.0.0.1:{port}/v1")
+    assert gone.returncode == 1 and "Traceback" not in gone.stderr
+    assert gone.stderr.strip().count("\n") == 0 and "cannot reach" in gone.stderr, gone.stderr
+
+
+async def test_batch_client_hints_at_v1_on_404() -> None:
+    async with serve_app(create_stub_app(record=StubRecord())) as url:  # any server: it 404s /batches/x
+        result = await asyncio.to_thread(run, "batch", "status", "batch_x", "--base-url", url)
+    assert result.returncode == 1 and "HTTP 404" in result.stderr and f"{url}/v1" in result.stderr, result.stderr

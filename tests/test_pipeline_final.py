@@ -29,3 +29,16 @@ def test_streamed_and_whole_answers_record_the_same_call() -> None:
     assert whole["calls"][0].role == "final" and whole["calls"][0].round == 1
     assert streamed["trace"] == [{**whole["trace"][0], "streamed": True}]
     assert whole["trace"][0]["skipped"] == ["down"]
+
+
+def test_the_plans_stop_is_added_to_the_clients() -> None:
+    from coe.aggregate import FinalCall
+    from coe.config import ExpertConfig
+
+    experts = {"agg": ExpertConfig(name="agg", backend="b", model="m")}
+    plan = FinalCall(["agg", "gone"], [{"role": "user", "content": "q"}], "why", params={"stop": ["</answer>"]})
+    chosen, body = final_stage.request({}, plan, {"stop": "END", "temperature": 0}, experts)
+    assert [e.name for e in chosen] == ["agg"]
+    assert body["stop"] == ["END", "</answer>"] and body["temperature"] == 0 and body["messages"] == plan.messages
+    _, alone = final_stage.request({}, plan, {}, experts)
+    assert alone["stop"] == ["</answer>"]

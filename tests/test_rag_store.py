@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,6 +51,76 @@ def test_ingest_search_cite_and_reingest_replaces(tmp_path: Path) -> None:
     meta = json.loads((tmp_path / "rag" / "default" / "meta.json").read_text())
     assert meta["format"] == 1 and len(meta["files"]) == 2
     assert not list((tmp_path / "rag").glob(".default-build-*"))
+
+
+def test_readers_never_see_a_missing_or_empty_index_during_reingests(tmp_path: Path) -> None:
+    """Re-ingest swaps the index with one atomic rename of a symlink: a reader looping meanwhile always
+    opens a whole index (the old or the new), never none, and a plain folder from before versions is
+    taken over."""
+    folder = tmp_path / "rag" / "default"
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("# A\nAlpha facts about the first topic.")
+    embedder = shared_embedder("onnx")
+    RagIndex.open(folder, embedder).ingest([docs / "a.md"], chunk_words=50, overlap_words=10)
+    legacy = folder.resolve()
+    folder.unlink()
+    legacy.rename(folder)  # the layout before versions: a plain folder
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def reingest() -> None:
+        try:
+            for i in range(12):
+                (docs / "a.md").write_text(f"# A\nAlpha facts, edition {i}, about the first topic.")
+                RagIndex.open(folder, embedder).ingest([docs / "a.md"], chunk_words=50, overlap_words=10)
+        except BaseException as exc:  # reported by the reader's assertion below
+            errors.append(exc)
+        finally:
+            stop.set()
+
+    writer = threading.Thread(target=reingest)
+    writer.start()
+    reads = 0
+    try:
+        while not stop.is_set() or reads < 20:
+            index = RagIndex.open(folder, embedder)
+            assert len(index.chunks) == 1 and len(index.vectors) == 1, "a reader saw an empty or missing index"
+            reads += 1
+    finally:
+        writer.join()
+    assert not errors, errors
+    assert folder.is_symlink() and "edition 11" in RagIndex.open(folder, embedder).chunks[0].text
+    assert len(list(folder.parent.glob(".default-v*"))) <= 3, "old versions are pruned"
+
+
+def test_the_index_exists_after_every_step_of_a_reingest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deterministic twin of the loop above: after every rename the publish makes, the index is there
+    (the old scheme renamed the old folder away, then the new one in: a moment with no index)."""
+    import os
+
+    folder = tmp_path / "rag" / "default"
+    docs = tmp_path / "a.md"
+    docs.write_text("# A\nAlpha facts about the first topic.")
+    embedder = shared_embedder("onnx")
+    RagIndex.open(folder, embedder).ingest([docs], chunk_words=50, overlap_words=10)
+    seen: list[bool] = []
+    rename, replace = Path.rename, os.replace
+
+    def checked_rename(self: Path, target: Any) -> Any:
+        out = rename(self, target)
+        seen.append((folder / "meta.json").exists())
+        return out
+
+    def checked_replace(src: Any, dst: Any) -> None:
+        replace(src, dst)
+        seen.append((folder / "meta.json").exists())
+
+    monkeypatch.setattr(Path, "rename", checked_rename)
+    monkeypatch.setattr(os, "replace", checked_replace)
+    docs.write_text("# A\nAlpha facts, second edition.")
+    RagIndex.open(folder, embedder).ingest([docs], chunk_words=50, overlap_words=10)
+    assert seen and all(seen), seen
 
 
 def test_bad_paths_are_all_listed_and_nothing_changes(tmp_path: Path) -> None:

@@ -52,6 +52,10 @@ class FinalCall:
 
 Final = FinalText | FinalCall
 
+SYNTHESIS_STOP = ("</answer>", "<answer")
+"""The synthesis prompt quotes answers in ``<answer>`` tags; a small model may continue the pattern: stop
+there rather than leak a raw tag into the reply (added to the client's own ``stop``)."""
+
 
 @dataclass(frozen=True)
 class AggregateInput:
@@ -91,7 +95,8 @@ class Synthesize(Aggregator):
         others = [a.expert for a in answers if a.expert != given.aggregator]
         return FinalCall([given.aggregator, *others], prompt.messages,
                          f"{given.aggregator} synthesizes {len(answers)} answers",
-                         {answers[i].expert: cut for i, cut in prompt.truncated.items()})
+                         {answers[i].expert: cut for i, cut in prompt.truncated.items()},
+                         params={"stop": list(SYNTHESIS_STOP)})
 
 
 class Vote(Aggregator):

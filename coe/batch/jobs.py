@@ -42,10 +42,13 @@ import orjson
 
 from coe.batch.lines import CHAT_URL, BatchItem, BodyCheck, output_line, parse_batch
 from coe.batch.queue import WorkQueue
-from coe.errors import Conflict, InvalidRequest, NotFound
+from coe.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, clip
 from coe.store.base import StateStore
 
 FILES, DATA, BATCHES = "files", "file-data", "batches"
+OFF_LOOP = 1024 * 1024
+"""Files above this many bytes (or characters) are decoded and parsed in a worker thread."""
+
 TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
 WINDOW_S = 24 * 3600
 SWEEP_CONCURRENCY = 64
@@ -76,10 +79,10 @@ class BatchJobs:
     async def create_file(self, filename: str, purpose: str, content: bytes, *, file_id: str | None = None
                           ) -> dict[str, Any]:
         if len(content) > self.max_file_bytes:
-            raise InvalidRequest(f"the file has {len(content)} bytes; the limit is {self.max_file_bytes} "
-                                 "(store.max_file_bytes)", param="file")
+            raise PayloadTooLarge(f"the file has {len(content)} bytes; the limit is {self.max_file_bytes} "
+                                  "(store.max_file_bytes)", param="file")
         try:
-            text = content.decode("utf-8")
+            text = content.decode("utf-8") if len(content) < OFF_LOOP else await asyncio.to_thread(content.decode)
         except UnicodeDecodeError as exc:
             raise InvalidRequest(f"the file is not UTF-8 text ({exc.reason} at byte {exc.start})",
                                  param="file") from exc
@@ -93,7 +96,7 @@ class BatchJobs:
     async def get_file(self, file_id: str) -> dict[str, Any]:
         meta = await self.store.get(FILES, file_id)
         if meta is None:
-            raise NotFound(f"no file with id {file_id!r}", param="file_id", code="file_not_found")
+            raise NotFound(f"no file with id {clip(file_id)}", param="file_id", code="file_not_found")
         return meta
 
     async def file_text(self, file_id: str) -> str:
@@ -115,7 +118,10 @@ class BatchJobs:
 
     async def items_of(self, batch: dict[str, Any]) -> list[BatchItem]:
         """The batch's items, parsed from its input file (checked when the batch was created)."""
-        return parse_batch(await self.file_text(batch["input_file_id"]), batch["input_file_id"], models=None)
+        text = await self.file_text(batch["input_file_id"])
+        if len(text) < OFF_LOOP:
+            return parse_batch(text, batch["input_file_id"], models=None)
+        return await asyncio.to_thread(parse_batch, text, batch["input_file_id"], models=None)
 
     async def create_batch(self, input_file_id: str, endpoint: str, completion_window: str,
                            metadata: dict[str, str] | None, models: Collection[str], check: BodyCheck | None,
@@ -127,9 +133,12 @@ class BatchJobs:
             raise InvalidRequest("completion_window must be '24h'", param="completion_window")
         meta = await self.get_file(input_file_id)
         if meta.get("purpose") != "batch":
-            raise InvalidRequest(f"file {input_file_id!r} has purpose {meta.get('purpose')!r}, not 'batch'",
+            raise InvalidRequest(f"file {clip(input_file_id)} has purpose {meta.get('purpose')!r}, not 'batch'",
                                  param="input_file_id")
-        items = parse_batch(await self.file_text(input_file_id), f"file {input_file_id}", models, check)
+        text = await self.file_text(input_file_id)
+        # A big file is parsed and checked in a thread: the event loop keeps serving (200 MiB took seconds).
+        items = (parse_batch(text, f"file {input_file_id}", models, check) if len(text) < OFF_LOOP else
+                 await asyncio.to_thread(parse_batch, text, f"file {input_file_id}", models, check))
         clock = time.time()
         now = int(clock)
         batch: dict[str, Any] = {
@@ -151,7 +160,7 @@ class BatchJobs:
     async def _batch(self, batch_id: str) -> dict[str, Any]:
         batch = await self.store.get(BATCHES, batch_id)
         if batch is None:
-            raise NotFound(f"no batch with id {batch_id!r}", param="batch_id", code="batch_not_found")
+            raise NotFound(f"no batch with id {clip(batch_id)}", param="batch_id", code="batch_not_found")
         return batch
 
     @staticmethod
@@ -260,6 +269,19 @@ class BatchJobs:
             return False
         # Items are skipped only for a cancel or for expiry, so skips without a cancel mean it expired.
         expired = not cancelling and any(r.get("skipped") for r in results.values())
+        now = await self._write_results(batch_id, batch, results)
+        if cancelling:
+            batch["status"], batch["cancelled_at"] = "cancelled", now
+        elif expired:
+            batch["status"], batch["expired_at"] = "expired", now
+        else:
+            batch["status"], batch["completed_at"] = "completed", now
+        await self.store.put(BATCHES, batch_id, batch)
+        return True
+
+    async def _write_results(self, batch_id: str, batch: dict[str, Any], results: dict[str, Any]) -> int:
+        """The output and error files of the recorded results (in input order) and the counts, on ``batch``;
+        deterministic, so two workers finalizing at once write the same files. Returns the time."""
         ordered = sorted(results.items(), key=lambda kv: int(kv[1]["line"]))
         ok, bad = [], []
         for custom_id, r in ordered:
@@ -278,13 +300,23 @@ class BatchJobs:
             batch["output_file_id"] = (await self._result_file(f"file-{batch_id}-output", ok))["id"]
         if bad:
             batch["error_file_id"] = (await self._result_file(f"file-{batch_id}-errors", bad))["id"]
-        batch["request_counts"] = {"total": total, "completed": len(ok), "failed": len(bad)}
-        if cancelling:
-            batch["status"], batch["cancelled_at"] = "cancelled", now
-        elif expired:
-            batch["status"], batch["expired_at"] = "expired", now
-        else:
-            batch["status"], batch["completed_at"] = "completed", now
+        batch["request_counts"] = {"total": int(batch["request_counts"]["total"]), "completed": len(ok),
+                                   "failed": len(bad)}
+        return now
+
+    async def fail_batch(self, batch_id: str, code: str, message: str) -> bool:
+        """End a batch that cannot run (its input file was deleted or is unreadable) as ``failed``, with the
+        reason in ``errors`` (OpenAI's shape) and the results it already has in its output and error files,
+        so nothing done is lost. Idempotent: a batch already ended is left as it is. True when this call
+        ended it."""
+        batch = await self.store.get(BATCHES, batch_id)
+        if batch is None or batch["status"] in TERMINAL:
+            return False
+        results = await self.store.items(_results(batch_id))
+        now = await self._write_results(batch_id, batch, results)
+        batch["status"], batch["failed_at"] = "failed", now
+        batch["errors"] = {"object": "list", "data": [{"code": code, "message": message, "param": None,
+                                                       "line": None}]}
         await self.store.put(BATCHES, batch_id, batch)
         return True
 

@@ -123,6 +123,10 @@ class MemoryQueue(WorkQueue):
                 self._held[e.id] = (held[0], consumer, now)
 
 
+TOUCH_PAGE = 1000
+"""Pending entries read per XPENDING call while refreshing a claim."""
+
+
 class RedisStreamQueue(WorkQueue):
     """One stream ``{prefix}:batch-queue`` with consumer group ``workers``; acknowledged entries are deleted."""
 
@@ -211,9 +215,18 @@ class RedisStreamQueue(WorkQueue):
         await self._group()
         wanted = {e.id for e in entries}
         async with self._errors("refresh the claim"):
-            pending = await self._client.xpending_range(self._key, GROUP, min="-", max="+",
-                                                        count=len(wanted) + 1024, consumername=consumer)
-            ids = [i for i in (_text(p["message_id"]) for p in pending) if i in wanted]
+            # Page through everything this consumer holds (it may hold more than ``entries``: a chunk cut
+            # short by a store outage leaves its entries pending until re-claimed), so none is missed.
+            ids: list[str] = []
+            start = "-"
+            while len(ids) < len(wanted):
+                pending = await self._client.xpending_range(self._key, GROUP, min=start, max="+",
+                                                            count=TOUCH_PAGE, consumername=consumer)
+                page = [_text(p["message_id"]) for p in pending]
+                ids += [i for i in page if i in wanted]
+                if len(page) < TOUCH_PAGE:
+                    break
+                start = f"({page[-1]}"  # exclusive: the next page starts after the last id seen
             if ids:  # XCLAIM by the holder itself, JUSTID: restarts the idle time, changes nothing else
                 await self._client.xclaim(self._key, GROUP, consumer, min_idle_time=0, message_ids=ids,
                                           justid=True)

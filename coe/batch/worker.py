@@ -20,6 +20,13 @@
 - When the queue is empty, the resident on-demand model is put down.
 - Stopping (SIGTERM) lets the chunk in flight finish for up to ``drain_s``, then
   releases what is left so another worker takes it at once.
+- Nothing a batch holds ends the loop. A batch whose input cannot be read (its
+  file was deleted, or is not batch lines any more) ends ``failed`` with the
+  reason, keeping the results it has, and its entries are acknowledged; an item
+  whose job fails in the worker itself (not in its request path) is recorded as
+  a 500 and acknowledged. A store that fails (Redis down or restarting) is
+  retried with jittered exponential backoff, and the entries held meanwhile are
+  re-claimed once it is back; ``health`` says how the loop is doing.
 """
 
 from __future__ import annotations
@@ -28,28 +35,69 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
 import time
 import uuid
+from dataclasses import dataclass, field
 
 from coe.batch.jobs import BatchJobs
 from coe.batch.lines import BatchItem
 from coe.batch.queue import Entry
 from coe.batch.run import Execute
 from coe.batch.stages import Job, WaveRunner
-from coe.errors import StoreError
+from coe.errors import CoeError, StoreError
 from coe.pipeline.state import ChatCaller
 
 log = logging.getLogger("coe.batch")
 
 RETRY_STATUSES = frozenset({502, 503, 504})
 RETRY_DELAYS_S = (1.0, 3.0)
+MAX_CACHED_ITEMS = 100_000
+"""Parsed items the worker keeps between chunks (at most 64 batches too): enough for a window, bounded
+so that big batches do not pin memory after they end."""
 STOPPED = frozenset({"cancelling", "cancelled", "expiring", "expired"})
 """Batch statuses whose unrun items are skipped."""
 
 
 def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def backoff_s(failures: int, base_s: float = 0.5, cap_s: float = 15.0) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**(failures - 1))], so that
+    workers that failed together (one Redis restart) do not retry in step."""
+    return random.uniform(0, min(cap_s, base_s * 2 ** max(0, failures - 1)))
+
+
+@dataclass
+class WorkerHealth:
+    """How a batch worker loop is doing (``/health/ready`` and the metrics show it)."""
+
+    state: str = "starting"
+    """``starting``, ``running``, ``retrying`` (the store failed; backing off) or ``stopped``."""
+    errors: int = 0
+    """Loop iterations that failed since start (each one retried)."""
+    consecutive: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+    poisoned: list[str] = field(default_factory=list)
+    """Batches ended ``failed`` because their input could not be read (the last 20)."""
+
+    def failed(self, exc: BaseException) -> float:
+        self.errors += 1
+        self.consecutive += 1
+        self.state = "retrying"
+        self.last_error = f"{type(exc).__name__}: {getattr(exc, 'message', None) or exc}"[:500]
+        self.last_error_at = time.time()
+        return backoff_s(self.consecutive)
+
+    def ok(self) -> None:
+        self.state, self.consecutive = "running", 0
+
+    def to_json(self) -> dict[str, object]:
+        return {"state": self.state, "errors": self.errors, "last_error": self.last_error,
+                "last_error_at": self.last_error_at, "poisoned_batches": list(self.poisoned)}
 
 
 class BatchWorker:
@@ -66,29 +114,45 @@ class BatchWorker:
         self.drain_s = drain_s
         self.watch_s = watch_s
         self.processed = 0
-        self._items: dict[str, dict[str, BatchItem]] = {}
+        self.health = WorkerHealth()
+        self._items: dict[str, dict[str, BatchItem] | None] = {}  # None: the batch's input is poison
 
     async def run(self, stop: asyncio.Event) -> None:
-        queue = self.jobs.queue
-        recovered = await self.jobs.recover()
-        if recovered:
-            log.warning("re-enqueued %d batch(es) whose acceptance was interrupted", recovered)
+        """Take and run work until ``stop`` is set. Returns only then: a failing store is retried with
+        backoff (``health`` says so), and no entry, item or batch can end the loop."""
+        recovered = False
         last_reclaim = 0.0
         try:
             while not stop.is_set():
-                entries: list[Entry] = []
-                if time.monotonic() - last_reclaim >= min(self.claim_idle_s / 2, 5.0):
-                    last_reclaim = time.monotonic()
-                    entries = await queue.reclaim(self.name, self.claim_idle_s, self.window)
+                try:
+                    if not recovered:
+                        n = await self.jobs.recover()
+                        recovered = True
+                        if n:
+                            log.warning("re-enqueued %d batch(es) whose acceptance was interrupted", n)
+                    entries: list[Entry] = []
+                    if time.monotonic() - last_reclaim >= min(self.claim_idle_s / 2, 5.0):
+                        entries = await self.jobs.queue.reclaim(self.name, self.claim_idle_s, self.window)
+                        last_reclaim = time.monotonic()
+                        if entries:
+                            log.info("re-claimed %d batch item(s) a stopped worker held", len(entries))
+                    if not entries:
+                        entries = await self.jobs.queue.take(self.name, self.window, self.block_s)
+                    self.health.ok()
                     if entries:
-                        log.info("re-claimed %d batch item(s) a stopped worker held", len(entries))
-                if not entries:
-                    entries = await queue.take(self.name, self.window, self.block_s)
-                if entries:
-                    await self._chunk(entries, stop)
-                else:
-                    await self.runner.release()
+                        await self._chunk(entries, stop)
+                    else:
+                        await self.runner.release()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    delay = self.health.failed(exc)
+                    log.warning("batch worker: %s; retrying in %.1fs (failure %d in a row)", self.health.last_error,
+                                delay, self.health.consecutive, exc_info=not isinstance(exc, CoeError))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
         finally:
+            self.health.state = "stopped"
             with contextlib.suppress(Exception):
                 await self.runner.release()
 
@@ -152,19 +216,55 @@ class BatchWorker:
         return await self.jobs.status(batch_id) in STOPPED
 
     async def _item(self, entry: Entry) -> BatchItem | None:
-        items = self._items.get(entry.batch_id)
-        if items is None:
+        """The entry's item; None when its batch is gone or its input is poison (the batch is then ended
+        ``failed`` here). A store failure raises (``StoreError``): the loop retries, nothing is decided."""
+        if entry.batch_id not in self._items:
             try:
                 batch = await self.jobs.get_batch(entry.batch_id)
-            except Exception:
-                return None
-            items = {i.custom_id: i for i in await self.jobs.items_of(batch)}
-            if len(self._items) > 64:
-                self._items.pop(next(iter(self._items)))
+            except StoreError:
+                raise
+            except CoeError:
+                return None  # the batch is gone (deleted store data): the entry is acknowledged
+            try:
+                items: dict[str, BatchItem] | None = {i.custom_id: i for i in await self.jobs.items_of(batch)}
+            except StoreError:
+                raise
+            except Exception as exc:
+                items = None
+                await self._poison(entry.batch_id, batch, exc)
             self._items[entry.batch_id] = items
-        return items.get(entry.custom_id)
+            while len(self._items) > 1 and (len(self._items) > 64 or sum(
+                    len(v or ()) for v in self._items.values()) > MAX_CACHED_ITEMS):
+                self._items.pop(next(iter(self._items)))  # the oldest batch's items: read again if needed
+        items = self._items[entry.batch_id]
+        return None if items is None else items.get(entry.custom_id)
+
+    async def _poison(self, batch_id: str, batch: dict[str, object], exc: Exception) -> None:
+        reason = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+        message = f"the batch's input file {batch.get('input_file_id')} could not be read: {reason}"[:1000]
+        if await self.jobs.fail_batch(batch_id, "input_file_unreadable", message):
+            log.error("batch %s failed: %s", batch_id, message)
+        self.health.poisoned = [*self.health.poisoned, batch_id][-20:]
 
     async def _one(self, entry: Entry, caller: ChatCaller) -> None:
+        """One entry to its result and acknowledgement. A store failure propagates (the entry stays held and
+        is re-claimed once the store is back); anything else is recorded as the item's 500 and acknowledged,
+        so no entry comes back forever."""
+        try:
+            await self._run_entry(entry, caller)
+        except (StoreError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            log.exception("batch item %s/%s failed in the worker itself", entry.batch_id, entry.custom_id)
+            item = await self._item(entry)
+            if item is not None:
+                body = {"error": {"message": f"the batch worker failed on this item: {type(exc).__name__}",
+                                  "type": "internal_error", "param": None, "code": None}}
+                await self.jobs.record(entry.batch_id, item, 500, body, f"batch-{uuid.uuid4().hex[:16]}")
+            await self.jobs.queue.ack([entry])
+            await self.jobs.maybe_finalize(entry.batch_id)
+
+    async def _run_entry(self, entry: Entry, caller: ChatCaller) -> None:
         jobs = self.jobs
         status = await jobs.status(entry.batch_id)
         item = await self._item(entry) if status is not None else None
@@ -187,4 +287,5 @@ class BatchWorker:
                               skipped=skipped)
             self.processed += 0 if skipped else 1
         await jobs.queue.ack([entry])
-        await jobs.maybe_finalize(entry.batch_id)
+        if await jobs.maybe_finalize(entry.batch_id):
+            self._items.pop(entry.batch_id, None)  # ended: its items are not needed again

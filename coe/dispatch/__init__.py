@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -232,8 +233,9 @@ class Dispatcher:
                 self.metrics.upstream_errors.labels(backend.name, "unavailable").inc()
                 if attempt > self.config.retries:
                     raise
-                log.info("expert %s attempt %d failed (%s); retrying in %.2fs", expert.name, attempt, exc, delay)
-                await asyncio.sleep(delay)
+                wait = random.uniform(delay / 2, delay)  # jittered: requests hit by one blip do not retry in step
+                log.info("expert %s attempt %d failed (%s); retrying in %.2fs", expert.name, attempt, exc, wait)
+                await asyncio.sleep(wait)
                 delay *= 2
             except UpstreamError as exc:
                 self.metrics.upstream_errors.labels(backend.name, f"http_{exc.status // 100}xx").inc()

@@ -29,8 +29,13 @@ def role(state: State) -> str:
 
 def request(state: State, final: FinalCall, params: dict[str, Any],
             experts: dict[str, ExpertConfig]) -> tuple[list[ExpertConfig], dict[str, Any]]:
-    """The final call's experts (best first, the registered ones) and its body."""
-    return [experts[n] for n in final.experts if n in experts], {**params, **final.params, "messages": final.messages}
+    """The final call's experts (best first, the registered ones) and its body; a ``stop`` of the plan's
+    is added to the client's, not put in its place."""
+    body = {**params, **final.params, "messages": final.messages}
+    if "stop" in final.params and params.get("stop"):
+        client = [params["stop"]] if isinstance(params["stop"], str) else list(params["stop"])
+        body["stop"] = list(dict.fromkeys([*client, *final.params["stop"]]))
+    return [experts[n] for n in final.experts if n in experts], body
 
 
 def answered(state: State, call: ExpertCall, *, streamed: bool = False) -> dict[str, Any]:

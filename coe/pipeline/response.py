@@ -38,12 +38,13 @@ def coe_field(state: State, request_id: str, extra: Sequence[CallRecord] = ()) -
         "experts": [c.to_json() for c in calls],
         "usage": usage_mod.add(c.usage for c in calls),
         "cost": usage_mod.total_cost(c.cost for c in done),
-        "rounds": state.get("round", 0),
+        # a single expert answering directly is round 1, as its call record says
+        "rounds": max([state.get("round", 0), *(c.round for c in calls)]),
         "answered_by": state.get("answered_by"),
         "trace": state.get("trace", []),
     }
-    if "reliability" in state:
-        out["reliability"] = state["reliability"]
+    # agreement needs two answers: with one expert there is none to measure (null, not missing)
+    out["reliability"] = state.get("reliability")
     if final is not None:
         out["aggregator_called"] = isinstance(final, FinalCall) and bool(state.get("answers"))
     if state.get("rag") is not None and state.get("passages"):

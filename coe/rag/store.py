@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from coe.errors import ConfigError, InvalidRequest
-from coe.files import publish_folder
+from coe.files import publish_folder, published
 from coe.rag.chunk import Chunk, chunk_text
 
 if TYPE_CHECKING:
@@ -52,14 +52,15 @@ class RagIndex:
         """The index in ``folder``, or an empty one when it does not exist yet."""
         import numpy as np
 
-        meta_file = folder / "meta.json"
+        source = published(folder)  # one version for every file of this load, whatever a re-ingest does
+        meta_file = source / "meta.json"
         if not meta_file.exists():
             return cls(folder, embedder, [], np.zeros((0, embedder.dim), dtype=np.float32), {})
         try:
             meta: dict[str, Any] = json.loads(meta_file.read_text(encoding="utf-8"))
             chunks = [Chunk(**json.loads(line)) for line in
-                      (folder / "chunks.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
-            vectors = np.load(folder / "vectors.npy")
+                      (source / "chunks.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+            vectors = np.load(source / "vectors.npy")
         except (OSError, ValueError, TypeError) as exc:
             raise ConfigError([f"{folder}: retrieval index is damaged ({exc}); re-ingest it"]) from exc
         if meta.get("format") != INDEX_FORMAT or meta.get("embedder") != embedder.name:

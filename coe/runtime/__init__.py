@@ -5,8 +5,8 @@ The API server (``services/api``), ``coe worker``, ``coe batch run``, ``coe prof
 open a Runtime; see ``ARCHITECTURE.md`` for who may import whom.
 """
 
-from coe.runtime.chat import ChatPaths, Composed, Streamed, check_body
+from coe.runtime.chat import ChatPaths, Composed, Streamed, body_checker
 from coe.runtime.core import Runtime
 from coe.runtime.protocol import ChatCompletionRequest
 
-__all__ = ["ChatCompletionRequest", "ChatPaths", "Composed", "Runtime", "Streamed", "check_body"]
+__all__ = ["ChatCompletionRequest", "ChatPaths", "Composed", "Runtime", "Streamed", "body_checker"]

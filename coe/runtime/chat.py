@@ -14,7 +14,7 @@ The HTTP layer (``services/api/chat``) only parses, frames SSE and counts.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +23,9 @@ from pydantic import ValidationError
 from coe import usage as usage_mod
 from coe.aggregate import FinalCall
 from coe.batch.lines import BatchItem
-from coe.config import ROUTED_MODEL, ExpertConfig
+from coe.config import ROUTED_MODEL, ExpertConfig, RegistryConfig
 from coe.dispatch import Dispatcher, ExpertCall, OpenedStream
-from coe.errors import CoeError, InvalidRequest, ModelNotFound, from_validation
+from coe.errors import CoeError, InvalidRequest, ModelNotFound, clip, from_validation
 from coe.metrics import Metrics
 from coe.pipeline import ChatCaller, Options, Pipeline, State
 from coe.pipeline import final as final_stage
@@ -71,23 +71,51 @@ def direct_field(decision: RoutingDecision, calls: list[ExpertCall], request_id:
     }
 
 
-def check_body(body: dict[str, Any]) -> str | None:
-    """Why a batch item's body is not a valid chat completion request, or None."""
-    try:
-        ChatCompletionRequest.model_validate(body)
-    except ValidationError as exc:
-        return from_validation(exc.errors()).message
-    return None
+def check_limits(body: ChatCompletionRequest, config: RegistryConfig, expert: ExpertConfig | None) -> None:
+    """``limits`` (and the expert's own ``max_tokens``): a 400 naming the param, before any work."""
+    limits = config.limits
+    if len(body.messages) > limits.max_messages:
+        raise InvalidRequest(f"messages: {len(body.messages)} messages; the limit is {limits.max_messages} "
+                             "(limits.max_messages)", param="messages")
+    cap = expert.max_tokens if expert is not None and expert.max_tokens is not None else limits.max_tokens
+    for param in ("max_tokens", "max_completion_tokens"):
+        asked = getattr(body, param)
+        if asked is not None and asked > cap:
+            where = f"expert {expert.name!r}'s max_tokens" if expert is not None and expert.max_tokens else \
+                "limits.max_tokens"
+            raise InvalidRequest(f"{param}: {asked} is more than {cap} ({where})", param=param)
 
 
-def options(body: ChatCompletionRequest, registry: Registry) -> Options:
-    """The request's ``coe`` options checked against the registry; a clear 400 otherwise."""
+def body_checker(config: RegistryConfig, experts: Mapping[str, ExpertConfig]) -> Callable[[dict[str, Any]], str | None]:
+    """Why a batch line's body would fail, or None: the same checks as ``POST /v1/chat/completions``
+    (the wire model, the limits, what ``model="coe"`` cannot honour), so a batch is refused whole at
+    creation rather than failing item by item."""
+    def check(body: dict[str, Any]) -> str | None:
+        try:
+            request = ChatCompletionRequest.model_validate(body)
+            if request.model == ROUTED_MODEL:
+                options(request, None)
+            check_limits(request, config, experts.get(request.model))
+        except ValidationError as exc:
+            return from_validation(exc.errors()).message
+        except InvalidRequest as exc:
+            return exc.message
+        return None
+
+    return check
+
+
+def options(body: ChatCompletionRequest, registry: Registry | None) -> Options:
+    """The request's ``coe`` options checked against the registry (None: the parts that need none); a
+    clear 400 otherwise."""
     bad = body.routed_unsupported()
     if bad:
         raise InvalidRequest(f"model='coe' composes several experts' answers and cannot honour {', '.join(bad)}; "
                              "name one expert as the model to use them", param=bad[0])
     opts = body.coe
     if opts is None:
+        return Options()
+    if registry is None:
         return Options()
     if opts.experts:
         unknown = [n for n in opts.experts if registry.expert(n) is None]
@@ -114,11 +142,12 @@ class ChatPaths:
         """The expert the request names, and the decision that says so; 404 for an unknown name."""
         expert = self.registry.current.expert(body.model)
         if expert is None:
-            raise ModelNotFound(f"The model '{body.model}' does not exist: use 'coe' or an expert from /v1/models",
+            raise ModelNotFound(f"The model {clip(body.model)} does not exist: use 'coe' or an expert from /v1/models",
                                 param="model")
         if body.coe is not None:
             raise InvalidRequest("the 'coe' options apply to model='coe' only; this request names one expert",
                                  param="coe")
+        check_limits(body, self.registry.current.config, expert)
         decision = RoutingDecision(router="direct", experts=[ExpertChoice(name=expert.name, score=1.0)],
                                    confidence=1.0, reason="the request named this expert")
         return expert, decision
@@ -152,6 +181,7 @@ class ChatPaths:
         deadlines are then off (``Context.staged``)."""
         registry = self.registry.current
         opts = options(body, registry)
+        check_limits(body, registry.config, None)
         params = body.upstream()
         messages = params.pop("messages")
         for key in ("model", "stream", "stream_options"):

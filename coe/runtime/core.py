@@ -26,7 +26,6 @@ from typing import Any
 
 from coe.backends.pool import BackendPool, TransportFactory
 from coe.batch.jobs import BatchJobs
-from coe.batch.lines import BatchItem
 from coe.batch.queue import open_queue
 from coe.batch.stages import WaveRunner
 from coe.batch.worker import BatchWorker
@@ -35,7 +34,7 @@ from coe.dispatch import Dispatcher
 from coe.errors import BackendUnavailable
 from coe.loader import load_registry
 from coe.metrics import Metrics
-from coe.pipeline import ChatCaller, Pipeline
+from coe.pipeline import Pipeline
 from coe.registry import Registry, RegistryManager
 from coe.runtime.chat import ChatPaths
 from coe.store import open_store
@@ -88,6 +87,9 @@ class Runtime:
         self.pipeline: Pipeline
         self.chat: ChatPaths
         self.jobs: BatchJobs | None = None
+        self.worker: BatchWorker | None = None
+        """This process's batch worker, when it runs one (``batch_worker``)."""
+        self.worker_restarts = 0
 
     # -- opening and closing ---------------------------------------------------------------
 
@@ -213,21 +215,35 @@ class Runtime:
     # -- background work ------------------------------------------------------------------------
 
     async def _run_batch_worker(self, initial: RegistryConfig) -> None:
-        """This process's batch worker (the API server's embedded default; ``coe worker``'s whole job)."""
+        """This process's batch worker (the API server's embedded default; ``coe worker``'s whole job),
+        supervised: the loop retries its own failures, and should it still end with an error it is
+        started again after a jittered backoff, so batch work never stops while the process runs."""
         assert self.jobs is not None
         cfg = initial.store
-
-        async def run(item: BatchItem, request_id: str, caller: ChatCaller) -> tuple[int, dict[str, Any]]:
-            return await self.chat.execute(item, request_id, caller)
-
         runner = WaveRunner(self.dispatcher, models=self.pool, metrics=self.metrics,
                             concurrency=cfg.worker_concurrency)
-        worker = BatchWorker(self.jobs, run, runner, window=cfg.batch_window, claim_idle_s=cfg.claim_idle_s,
-                             drain_s=10.0)
-        try:
-            await worker.run(self._worker_stop)
-        except Exception:
-            log.exception("the batch worker stopped")
+        self.worker = BatchWorker(self.jobs, self.chat.execute, runner, window=cfg.batch_window,
+                                  claim_idle_s=cfg.claim_idle_s, drain_s=10.0)
+        while not self._worker_stop.is_set():
+            try:
+                await self.worker.run(self._worker_stop)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.worker_restarts += 1
+                delay = self.worker.health.failed(exc)
+                log.exception("the batch worker loop ended with an error; restarting it in %.1fs", delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._worker_stop.wait(), delay)
+
+    def worker_health(self) -> dict[str, Any] | None:
+        """The batch worker's state for ``/health/ready`` and the metrics (None: no worker here)."""
+        if self.worker is None:
+            return None
+        health = self.worker.health
+        self.metrics.batch_worker_up.set(1 if health.state == "running" else 0)
+        self.metrics.batch_worker_errors.set(health.errors)
+        return {**health.to_json(), "restarts": self.worker_restarts}
 
     async def _load_overlay_when_ready(self) -> None:
         """API adapter experts must be loaded into their vLLM again after a restart; wait for backends."""

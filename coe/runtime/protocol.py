@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from coe.aggregate import AGGREGATORS
 from coe.config import check_known
@@ -27,7 +28,7 @@ class ChatMessage(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
 class CoeOptions(BaseModel):
@@ -38,7 +39,8 @@ class CoeOptions(BaseModel):
     k: int | None = Field(None, ge=1, le=32, description="experts asked in the first round (at most pipeline.max_k)")
     experts: list[str] | None = Field(None, min_length=1, description="the experts to ask, best first")
     strategy: str | None = Field(None, description="aggregation: synthesize, vote or best")
-    rag: bool | None = Field(None, description="true: always retrieve; false: never; unset: the gate decides")
+    rag: bool | None = Field(None, strict=True,
+                             description="true: always retrieve; false: never; unset: the gate decides")
 
     @field_validator("strategy")
     @classmethod
@@ -52,6 +54,27 @@ class CoeOptions(BaseModel):
         return self
 
 
+INT64 = 2**63
+"""Integers must fit a signed 64-bit integer: what the experts' servers (and orjson) can take."""
+
+
+def huge_int(value: Any, path: str) -> str | None:
+    """The path of the first integer in ``value`` outside the signed 64-bit range, or None. Strings are
+    not walked into (message text cannot hold an integer), so the walk is cheap."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        v, p = stack.pop()
+        kind = type(v)
+        if kind is int:
+            if not -INT64 <= v < INT64:
+                return p
+        elif kind is dict:
+            stack.extend((x, f"{p}.{k}" if p else str(k)) for k, x in v.items())
+        elif kind is list:
+            stack.extend((x, f"{p}[{i}]") for i, x in enumerate(v))
+    return None
+
+
 ROUTED_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logprobs",
                       "top_logprobs")
 """Parameters a composed answer cannot honour: several experts' tool calls or logprobs do not combine."""
@@ -62,7 +85,7 @@ class ChatCompletionRequest(BaseModel):
 
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
+    stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -73,13 +96,31 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logprobs: bool | None = None
+    logprobs: bool | None = Field(None, strict=True)
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     user: str | None = None
     coe: CoeOptions | None = None
+
+    @model_validator(mode="after")
+    def _ints_fit_64_bits(self) -> ChatCompletionRequest:
+        """A 400 naming the param, rather than a 500 when the upstream body is serialised."""
+        checks: list[tuple[Any, str]] = [
+            (v, k) for k, v in (("max_tokens", self.max_tokens), ("max_completion_tokens", self.max_completion_tokens),
+                                ("seed", self.seed), ("tools", self.tools), ("tool_choice", self.tool_choice),
+                                ("response_format", self.response_format)) if v is not None]
+        checks += [(v, k) for k, v in (self.model_extra or {}).items()]
+        checks += [(m.model_extra, f"messages[{i}]") for i, m in enumerate(self.messages) if m.model_extra]
+        if self.stream_options is not None and self.stream_options.model_extra:
+            checks.append((self.stream_options.model_extra, "stream_options"))
+        for value, path in checks:
+            bad = huge_int(value, path)
+            if bad is not None:
+                raise PydanticCustomError("int_too_big", "integers must be within the signed 64-bit range",
+                                          {"param": bad})
+        return self
 
     def routed_unsupported(self) -> list[str]:
         """The parameters set in this request that ``model="coe"`` cannot honour."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, TypeVar
 
@@ -11,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from coe.errors import CoeError, from_validation
+from coe.errors import CoeError, PayloadTooLarge, from_validation
 
 log = logging.getLogger("coe.api")
 
@@ -30,10 +31,40 @@ def openai_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 M = TypeVar("M", bound=BaseModel)
 
 
+LARGE_BODY = 256 * 1024
+"""Bodies above this are validated in a worker thread, so one big request does not stall the loop."""
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The raw body, refused with 413 as soon as it passes ``max_bytes``: by its declared length before
+    anything is read, else while it streams in (a chunked body is never held whole)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(int(declared), max_bytes)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(size, max_bytes, at_least=True)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int, *, at_least: bool = False) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the request body has {'more than ' if at_least else ''}{size} bytes; the limit is "
+                           f"{limit} (limits.max_body_bytes)")
+
+
 async def parse_body(request: Request, model: type[M]) -> M:
     """Validate the raw body in one pass (bytes to model); errors name the exact ``param``."""
+    state = getattr(request.app.state, "coe", None)
+    limit = state.runtime.registry.current.config.limits.max_body_bytes if state is not None else 8 * 1024 * 1024
+    raw = await read_body(request, limit)
     try:
-        return model.model_validate_json(await request.body())
+        if len(raw) > LARGE_BODY:
+            return await asyncio.to_thread(model.model_validate_json, raw)
+        return model.model_validate_json(raw)
     except ValidationError as exc:
         raise from_validation(exc.errors()) from None
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from coe.batch.lines import CHAT_URL
 from coe.config import ROUTED_MODEL
-from coe.runtime import check_body
+from coe.runtime import body_checker
 from services.api.auth import check_client
 from services.api.errors import json_body, openai_responses, parse_body
 from services.api.state import jobs_of, runtime_of
@@ -33,14 +33,13 @@ class CreateBatch(BaseModel):
 @router.post("/v1/batches", responses=openai_responses(400, 404), openapi_extra=json_body(CreateBatch),
              summary="Create a batch from an uploaded file; every bad line is reported and nothing is accepted")
 async def create_batch(request: Request) -> dict[str, Any]:
-    from services.api.state import jobs_of
-
     body = await parse_body(request, CreateBatch)
     registry = runtime_of(request.app).registry.current
     models = {ROUTED_MODEL, *registry.experts}
+    check = body_checker(registry.config, registry.experts)
     return await jobs_of(request.app).create_batch(body.input_file_id, body.endpoint, body.completion_window,
-                                               body.metadata, models, check_body,
-                                               expiry_s=registry.config.store.batch_expiry_s)
+                                                   body.metadata, models, check,
+                                                   expiry_s=registry.config.store.batch_expiry_s)
 
 
 @router.get("/v1/batches/{batch_id}", responses=openai_responses(404))

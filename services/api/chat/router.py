@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from coe.errors import CoeError
 from coe.runtime import ChatCompletionRequest
 from services.api.auth import check_client
 from services.api.errors import json_body, openai_responses, parse_body
@@ -22,4 +23,10 @@ router = APIRouter(tags=["chat"])
 )
 async def chat_completions(request: Request) -> Response:
     # Parsed here rather than by FastAPI: one pass from bytes, and errors name the exact param.
-    return await state_of(request.app).chat.create(request, await parse_body(request, ChatCompletionRequest))
+    state = state_of(request.app)
+    try:
+        body = await parse_body(request, ChatCompletionRequest)
+    except CoeError as exc:  # counted too, so dashboards see refused requests (route "rejected")
+        state.runtime.metrics.requests.labels("rejected", str(exc.status)).inc()
+        raise
+    return await state.chat.create(request, body)

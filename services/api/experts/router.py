@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from coe.config import ExpertConfig
-from coe.errors import NotFound
+from coe.errors import NotFound, clip
 from services.api.auth import check_admin, check_client
 from services.api.errors import json_body, openai_responses, parse_body
 from services.api.state import runtime_of
@@ -35,7 +35,7 @@ async def get_expert(name: str, request: Request) -> dict[str, Any]:
     registry = runtime_of(request.app).registry.current
     expert = registry.expert(name)
     if expert is None:
-        raise NotFound(f"no expert named {name!r}", code="expert_not_found")
+        raise NotFound(f"no expert named {clip(name)}", code="expert_not_found")
     return _describe(expert, registry.sources[name])
 
 

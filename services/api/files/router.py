@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
-from coe.errors import InvalidRequest
+from coe.errors import InvalidRequest, PayloadTooLarge
 from services.api.auth import check_client
 from services.api.errors import openai_responses
 from services.api.state import jobs_of
@@ -20,6 +20,8 @@ from services.api.state import jobs_of
 router = APIRouter(tags=["files"], dependencies=[Depends(check_client)])
 
 PURPOSES = ("batch",)
+FORM_OVERHEAD = 64 * 1024
+"""Room for the multipart framing and the other fields around the file."""
 
 
 @router.post("/v1/files", responses=openai_responses(400, 413), summary="Upload a file (purpose 'batch')",
@@ -29,9 +31,16 @@ PURPOSES = ("batch",)
                                 "purpose": {"type": "string", "enum": list(PURPOSES)}}}}}}})
 async def create_file(request: Request) -> dict[str, Any]:
     jobs = jobs_of(request.app)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > jobs.max_file_bytes + FORM_OVERHEAD:  # refused before it is read
+        raise PayloadTooLarge(f"the upload has {declared} bytes; files may have {jobs.max_file_bytes} "
+                              "(store.max_file_bytes)", param="file")
     try:
         form = await request.form(max_files=1, max_fields=8, max_part_size=jobs.max_file_bytes + 1)
     except Exception as exc:  # starlette raises MultiPartException / ValueError on malformed bodies
+        if "exceeded maximum size" in str(exc):
+            raise PayloadTooLarge(f"the file is larger than {jobs.max_file_bytes} bytes (store.max_file_bytes)",
+                                  param="file") from exc
         raise InvalidRequest(f"the body must be multipart/form-data with 'file' and 'purpose': {exc}") from exc
     upload, purpose = form.get("file"), form.get("purpose")
     if not isinstance(upload, UploadFile):

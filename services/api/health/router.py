@@ -31,6 +31,9 @@ async def ready(request: Request) -> JSONResponse:
                      "last_reload_error": runtime.registry.last_error},
         "backends": backends,
     }
+    worker = runtime.worker_health()
+    if worker is not None:  # batch work only: chat keeps serving while the worker waits for its store
+        body["batch_worker"] = worker
     if runtime.draining:
         body["reason"] = "shutting down"
     elif not healthy:
@@ -41,6 +44,7 @@ async def ready(request: Request) -> JSONResponse:
 @router.get("/metrics", summary="Prometheus metrics (names start with coe_)")
 async def metrics(request: Request) -> Response:
     runtime = runtime_of(request.app)
+    runtime.worker_health()  # sets the batch worker gauges
     for name, backend in runtime.pool.all().items():
         runtime.metrics.backend_up.labels(name).set(1 if backend.is_healthy else 0)
     return Response(runtime.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

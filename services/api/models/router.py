@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from coe.config import ROUTED_MODEL, ExpertConfig
-from coe.errors import ModelNotFound
+from coe.errors import ModelNotFound, clip
 from services.api.auth import check_client
 from services.api.errors import openai_responses
 from services.api.state import runtime_of
@@ -47,5 +47,5 @@ async def get_model(model: str, request: Request) -> dict[str, Any]:
     registry = runtime_of(request.app).registry.current
     expert = registry.expert(model)
     if expert is None:
-        raise ModelNotFound(f"The model '{model}' does not exist", param="model")
+        raise ModelNotFound(f"The model {clip(model)} does not exist", param="model")
     return _entry(expert, registry.sources[model])
