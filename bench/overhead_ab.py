@@ -45,10 +45,12 @@ def run_overhead(label: str, src: Path | None, out: Path, extra: list[str]) -> d
 
 
 def cells(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Added latency per cell and metric: whole latency (non-streaming), TTFT and total (streaming)."""
     out = {}
     for cell in result["cells"]:
-        added = cell["stats"]["latency"]["added"]
-        out[f"{cell['mode']} c={cell['concurrency']}"] = {"p50_ms": added["p50"], "p99_ms": added["p99"]}
+        for metric, stats in cell["stats"].items():
+            added = stats["added"]
+            out[f"{cell['mode']} c={cell['concurrency']} {metric}"] = {"p50_ms": added["p50"], "p99_ms": added["p99"]}
     return out
 
 
@@ -95,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
                                "command": " ".join([sys.executable, *sys.argv]), "summary": summary,
                                "runs": runs}, indent=2))
     print(f"\nadded latency (ms), median of {args.rounds} rounds; baseline {commit[:10]} vs the working tree")
-    print(f"{'cell':<16} {'base p50':>9} {'cand p50':>9} {'ratio':>6} {'base p99':>9} {'cand p99':>9} {'ratio':>6}")
+    print(f"{'cell':<26} {'base p50':>9} {'cand p50':>9} {'ratio':>6} {'base p99':>9} {'cand p99':>9} {'ratio':>6}")
     for name, row in summary.items():
         def ratio(x: float | None) -> str:
             return "-" if x is None else f"{x:.2f}"
-        print(f"{name:<16} {row['baseline_p50_ms']:>9.3f} {row['candidate_p50_ms']:>9.3f} {ratio(row['ratio_p50']):>6}"
+        print(f"{name:<26} {row['baseline_p50_ms']:>9.3f} {row['candidate_p50_ms']:>9.3f} {ratio(row['ratio_p50']):>6}"
               f" {row['baseline_p99_ms']:>9.3f} {row['candidate_p99_ms']:>9.3f} {ratio(row['ratio_p99']):>6}")
     print(f"\nresults: {out}")
     return 0
