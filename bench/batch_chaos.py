@@ -2,7 +2,7 @@
 """Batch workers under poison input and Redis outages, many trials: every batch ends on its own, each
 ``custom_id`` exactly once, and no worker loop dies.
 
-    .venv/bin/python bench/batch_chaos.py                          # 20 trials, 2 workers, Redis down 2 s
+    .venv/bin/python bench/batch_chaos.py                          # 20 trials of 48 items, 2 workers, Redis down 2 s
     .venv/bin/python bench/batch_chaos.py --trials 5 --items 16    # quicker
 
 What it does
@@ -13,7 +13,8 @@ What it does
 - Each trial: a poison batch (its input file deleted right after the batch is created), then a good
   batch of ``--items`` requests; after a delay drawn from U(0, ``--window-s``) Redis is SIGKILLed,
   left down ``--down-s`` seconds and restarted on the same port and files.
-- Checks per trial: the poison batch ends ``failed`` (``input_file_unreadable``); the good one
+- Checks per trial: the poison batch ends ``failed`` (``input_file_unreadable``), or ``completed`` when a
+  worker read its input before the delete landed (the workers run throughout); the good one
   ``completed`` with every ``custom_id`` exactly once and no error lines; every worker still runs.
 
 Results: ``bench/results/batch-chaos-<UTC timestamp>.json`` and a summary on stdout.
@@ -83,11 +84,11 @@ async def trial(i: int, args: argparse.Namespace, rng: random.Random, client: op
                 server: RedisServer, workers: list[subprocess.Popen[bytes]]) -> Trial:
     t = Trial(i, round(rng.uniform(0, args.window_s), 2))
     started = time.monotonic()
-    poison_file = await client.files.create(file=(f"p{i}.jsonl", batch_input(4, f"p{i}-")), purpose="batch")
+    poison_file = await client.files.create(file=(f"p{i}.jsonl", batch_input(4, f"p{i}")), purpose="batch")
     poison = await client.batches.create(input_file_id=poison_file.id, endpoint="/v1/chat/completions",
                                          completion_window="24h")
     await client.files.delete(poison_file.id)
-    good_file = await client.files.create(file=(f"g{i}.jsonl", batch_input(args.items, f"g{i}-")), purpose="batch")
+    good_file = await client.files.create(file=(f"g{i}.jsonl", batch_input(args.items, f"g{i}")), purpose="batch")
     good = await client.batches.create(input_file_id=good_file.id, endpoint="/v1/chat/completions",
                                        completion_window="24h")
     await asyncio.sleep(t.kill_delay_s)
@@ -110,8 +111,10 @@ async def trial(i: int, args: argparse.Namespace, rng: random.Random, client: op
         t.duplicates = len(ids) - len(set(ids))
     if g is not None and g.error_file_id:
         t.error_lines = len((await client.files.content(g.error_file_id)).text.splitlines())
-    poison_ok = p is not None and p.status == "failed" and bool(p.errors and p.errors.data) and \
-        p.errors.data[0].code == "input_file_unreadable"
+    # The workers run throughout, so one may read the poison batch's input before the delete lands: then
+    # it completes, which is right too. What may not happen: it stays unended, or fails another way.
+    poison_ok = p is not None and (p.status == "completed" or (
+        p.status == "failed" and bool(p.errors and p.errors.data) and p.errors.data[0].code == "input_file_unreadable"))
     t.ok = (poison_ok and t.good_status == "completed" and not t.missing and not t.duplicates
             and not t.error_lines and t.workers_alive == len(workers))
     if not t.ok:
@@ -171,9 +174,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=20)
-    p.add_argument("--items", type=int, default=24, help="requests in each good batch")
+    p.add_argument("--items", type=int, default=48, help="requests in each good batch")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--window-s", type=float, default=3.0, help="Redis is killed after U(0, this) seconds")
+    p.add_argument("--window-s", type=float, default=2.0, help="Redis is killed after U(0, this) seconds")
     p.add_argument("--down-s", type=float, default=2.0, help="seconds Redis stays down")
     p.add_argument("--idle-s", type=float, default=2.0, help="store.claim_idle_s")
     p.add_argument("--trial-timeout-s", type=float, default=300.0)

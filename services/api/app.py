@@ -81,6 +81,7 @@ def create_app(
         responses=errors.openai_responses(401, 500),
     )
     errors.install(app)
+    errors.openapi_400_not_422(app)
     for router in (chat_router, models_router, experts_router, route_router, files_router, batches_router,
                    health_router):
         app.include_router(router)

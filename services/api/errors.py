@@ -70,13 +70,58 @@ async def parse_body(request: Request, model: type[M]) -> M:
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:
-    """``openapi_extra`` declaring ``model`` as the request body (for endpoints that parse it themselves)."""
-    return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": model.model_json_schema()}}}}
+    """``openapi_extra`` declaring ``model`` as the request body (for endpoints that parse it themselves).
+    Its ``$defs`` are inlined: a ``#/$defs/...`` reference does not resolve inside the OpenAPI document."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline({**defs[ref.removeprefix("#/$defs/")], **{k: v for k, v in node.items() if k != "$ref"}})
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+def openapi_400_not_422(app: FastAPI) -> None:
+    """Validation errors answer 400 (OpenAI's status, through ``install``); FastAPI documents 422 for every
+    operation with parameters. Make the schema say what the server does."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    responses = operation.get("responses", {}) if isinstance(operation, dict) else {}
+                    if responses.pop("422", None) is not None:
+                        responses.setdefault("400", ERROR_SCHEMA)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def error_response(exc: CoeError) -> JSONResponse:
     return JSONResponse(exc.to_openai(), status_code=exc.status, headers=exc.headers())
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods some route of the app serves at the request's path."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in request.app.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        route_methods = getattr(route, "methods", None)
+        if match != Match.NONE and route_methods:
+            methods |= set(route_methods)
+    return sorted(methods)
 
 
 def install(app: FastAPI) -> None:
@@ -95,7 +140,10 @@ def install(app: FastAPI) -> None:
         types = {404: "not_found_error", 405: "invalid_request_error"}
         body = {"error": {"message": str(exc.detail), "type": types.get(exc.status_code, "invalid_request_error"),
                           "param": None, "code": None}}
-        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # every method the path has, not only those of the first route matched
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return JSONResponse(body, status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

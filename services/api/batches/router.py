@@ -6,12 +6,11 @@ itself by default, and in ``coe worker`` processes when Redis is configured.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from coe.batch.lines import CHAT_URL
 from coe.config import ROUTED_MODEL
 from coe.runtime import body_checker
 from services.api.auth import check_client
@@ -25,8 +24,8 @@ class CreateBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input_file_id: str = Field(min_length=1)
-    endpoint: str = Field(CHAT_URL, description="only /v1/chat/completions")
-    completion_window: str = Field("24h", description="only 24h")
+    endpoint: Literal["/v1/chat/completions"] = Field("/v1/chat/completions", description="only this one")
+    completion_window: Literal["24h"] = Field("24h", description="only 24h")
     metadata: dict[str, str] | None = Field(None, max_length=16)
 
 

@@ -64,8 +64,7 @@ async def get_file(file_id: str, request: Request) -> dict[str, Any]:
 
 @router.get("/v1/files/{file_id}/content", responses=openai_responses(404), response_class=Response)
 async def file_content(file_id: str, request: Request) -> Response:
-    text = await jobs_of(request.app).file_text(file_id)
-    return Response(text.encode(), media_type="application/octet-stream")
+    return Response(await jobs_of(request.app).file_bytes(file_id), media_type="application/octet-stream")
 
 
 @router.delete("/v1/files/{file_id}", responses=openai_responses(404))

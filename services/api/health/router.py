@@ -41,7 +41,9 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics (names start with coe_)")
+@router.get("/metrics", summary="Prometheus metrics (names start with coe_)", response_class=Response,
+            responses={200: {"description": "Prometheus text exposition format",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request) -> Response:
     runtime = runtime_of(request.app)
     runtime.worker_health()  # sets the batch worker gauges
