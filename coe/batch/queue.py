@@ -18,8 +18,8 @@ many machines share it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -80,16 +80,23 @@ class WorkQueue(ABC):
         return None
 
 
+PUSH_CHUNK = 5000
+"""Entries enqueued per step (one Redis pipeline; the in-memory queue yields between steps)."""
+
+
 class MemoryQueue(WorkQueue):
     durable = False
 
     def __init__(self) -> None:
         self._ready: asyncio.Queue[Entry] = asyncio.Queue()
         self._held: dict[str, tuple[Entry, str, float]] = {}
+        self._ids = itertools.count(1)  # entry ids: unique in this queue, far cheaper than a uuid each
 
     async def push(self, batch_id: str, custom_ids: list[str]) -> None:
-        for cid in custom_ids:
-            self._ready.put_nowait(Entry(uuid.uuid4().hex, batch_id, cid))
+        for n, cid in enumerate(custom_ids, 1):
+            self._ready.put_nowait(Entry(str(next(self._ids)), batch_id, cid))
+            if n % PUSH_CHUNK == 0:
+                await asyncio.sleep(0)  # a batch of 300k items does not hold the loop for its whole push
 
     async def take(self, consumer: str, count: int, block_s: float) -> list[Entry]:
         out: list[Entry] = []
@@ -168,10 +175,11 @@ class RedisStreamQueue(WorkQueue):
     async def push(self, batch_id: str, custom_ids: list[str]) -> None:
         await self._group()
         async with self._errors("push"):
-            pipe = self._client.pipeline(transaction=False)
-            for cid in custom_ids:
-                pipe.xadd(self._key, {"e": orjson.dumps({"b": batch_id, "c": cid})})
-            await pipe.execute()
+            for start in range(0, len(custom_ids), PUSH_CHUNK):  # bounded pipelines: memory, and the loop
+                pipe = self._client.pipeline(transaction=False)
+                for cid in custom_ids[start:start + PUSH_CHUNK]:
+                    pipe.xadd(self._key, {"e": orjson.dumps({"b": batch_id, "c": cid})})
+                await pipe.execute()
 
     @staticmethod
     def _entries(rows: list[Any]) -> list[Entry]:

@@ -106,20 +106,34 @@ class ChatCompletionRequest(BaseModel):
 
     @model_validator(mode="after")
     def _ints_fit_64_bits(self) -> ChatCompletionRequest:
-        """A 400 naming the param, rather than a 500 when the upstream body is serialised."""
-        checks: list[tuple[Any, str]] = [
-            (v, k) for k, v in (("max_tokens", self.max_tokens), ("max_completion_tokens", self.max_completion_tokens),
-                                ("seed", self.seed), ("tools", self.tools), ("tool_choice", self.tool_choice),
-                                ("response_format", self.response_format)) if v is not None]
-        checks += [(v, k) for k, v in (self.model_extra or {}).items()]
-        checks += [(m.model_extra, f"messages[{i}]") for i, m in enumerate(self.messages) if m.model_extra]
-        if self.stream_options is not None and self.stream_options.model_extra:
-            checks.append((self.stream_options.model_extra, "stream_options"))
-        for value, path in checks:
-            bad = huge_int(value, path)
-            if bad is not None:
-                raise PydanticCustomError("int_too_big", "integers must be within the signed 64-bit range",
-                                          {"param": bad})
+        """A 400 naming the param, rather than a 500 when the upstream body is serialised. Only what can
+        hold an integer coe does not type itself is walked (the extras, tools, formats), not message text."""
+        bad = None
+        for name in ("max_tokens", "max_completion_tokens", "seed"):
+            value = getattr(self, name)
+            if value is not None and not -INT64 <= value < INT64:
+                bad = name
+                break
+        if bad is None:
+            for name in ("tools", "tool_choice", "response_format"):
+                value = getattr(self, name)
+                if value is not None and not isinstance(value, str):
+                    bad = huge_int(value, name)
+                    if bad is not None:
+                        break
+        if bad is None and self.model_extra:
+            bad = huge_int(self.model_extra, "")
+        if bad is None:
+            for i, message in enumerate(self.messages):
+                if message.model_extra:
+                    bad = huge_int(message.model_extra, f"messages[{i}]")
+                    if bad is not None:
+                        break
+        if bad is None and self.stream_options is not None and self.stream_options.model_extra:
+            bad = huge_int(self.stream_options.model_extra, "stream_options")
+        if bad is not None:
+            raise PydanticCustomError("int_too_big", "integers must be within the signed 64-bit range",
+                                      {"param": bad})
         return self
 
     def routed_unsupported(self) -> list[str]:

@@ -14,6 +14,7 @@ than being misread.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from abc import ABC, abstractmethod
 from types import TracebackType
@@ -55,6 +56,25 @@ def encode(namespace: str, key: str, doc: dict[str, Any]) -> bytes:
         return orjson.dumps({"v": SCHEMA_VERSION, "doc": doc}, option=_DUMP_OPTIONS)
     except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
         raise StoreError(f"store {namespace}/{key}: document is not JSON-serialisable: {exc}") from exc
+
+
+BIG_RECORD = 1 << 20
+"""Records above this many bytes (a batch input file) are encoded and decoded in a worker thread, so one
+big file does not stall the event loop that serves every other request."""
+
+
+async def encode_async(namespace: str, key: str, doc: dict[str, Any]) -> bytes:
+    """``encode``, off the event loop when the document's top-level strings are big."""
+    if isinstance(doc, dict) and sum(len(v) for v in doc.values() if isinstance(v, str | bytes)) > BIG_RECORD:
+        return await asyncio.to_thread(encode, namespace, key, doc)
+    return encode(namespace, key, doc)
+
+
+async def decode_async(namespace: str, key: str, raw: bytes | str) -> dict[str, Any]:
+    """``decode``, off the event loop for a big record."""
+    if len(raw) > BIG_RECORD:
+        return await asyncio.to_thread(decode, namespace, key, raw)
+    return decode(namespace, key, raw)
 
 
 def decode(namespace: str, key: str, raw: bytes | str) -> dict[str, Any]:

@@ -2,15 +2,16 @@
 
 It still round-trips every document through the same JSON envelope as Redis,
 so a caller that works here (no shared mutable state, JSON-only values) works
-against Redis too. Each method runs without awaiting, so on one event loop
-every operation, ``put_if_absent`` included, is atomic.
+against Redis too. The read-or-write of each method runs without awaiting (a big
+record is encoded or decoded in a thread before or after it), so on one event
+loop every operation, ``put_if_absent`` included, is atomic.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from coe.store.base import StateStore, check_key, check_namespace, decode, encode
+from coe.store.base import StateStore, check_key, check_namespace, decode, decode_async, encode, encode_async
 
 
 class MemoryStore(StateStore):
@@ -23,10 +24,10 @@ class MemoryStore(StateStore):
 
     async def get(self, namespace: str, key: str) -> dict[str, Any] | None:
         raw = self._data.get(check_namespace(namespace), {}).get(check_key(key))
-        return None if raw is None else decode(namespace, key, raw)
+        return None if raw is None else await decode_async(namespace, key, raw)
 
     async def put(self, namespace: str, key: str, doc: dict[str, Any]) -> None:
-        raw = encode(check_namespace(namespace), check_key(key), doc)
+        raw = await encode_async(check_namespace(namespace), check_key(key), doc)
         self._data.setdefault(namespace, {})[key] = raw
 
     async def put_if_absent(self, namespace: str, key: str, doc: dict[str, Any]) -> bool:

@@ -19,7 +19,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
 from coe.errors import StoreError
-from coe.store.base import StateStore, check_key, check_namespace, decode, encode
+from coe.store.base import StateStore, check_key, check_namespace, decode, decode_async, encode, encode_async
 
 
 def redact(url: str) -> str:
@@ -82,10 +82,10 @@ class RedisStore(StateStore):
     async def get(self, namespace: str, key: str) -> dict[str, Any] | None:
         async with self._errors(f"get {namespace}/{key}"):
             raw = await self._client.hget(self._key(namespace), check_key(key))
-        return None if raw is None else decode(namespace, key, raw)
+        return None if raw is None else await decode_async(namespace, key, raw)
 
     async def put(self, namespace: str, key: str, doc: dict[str, Any]) -> None:
-        raw = encode(namespace, check_key(key), doc)
+        raw = await encode_async(namespace, check_key(key), doc)
         async with self._errors(f"put {namespace}/{key}"):
             await self._client.hset(self._key(namespace), key, raw)
 
