@@ -14,7 +14,7 @@ What it does
 - While a pinger sends ``GET /health/live`` every 20 ms and records each latency, each round uploads the
   file, creates the batch, cancels it and deletes the file.
 - Records: the worst and p99 ping latency during upload and during create, the create call's time, and
-  the server's RSS (from ``/proc``) before, after each round and 5 s after the last.
+  the server's RSS (from ``/proc``) before, after each round and every 5 s for ``--settle-s`` after the last.
 
 Results: ``bench/results/big-batch-<UTC timestamp>.json`` and a summary on stdout.
 """
@@ -136,8 +136,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"round {r + 1}: create {created.status_code} in {t2 - t1:.1f}s; worst ping during create "
                       f"{rounds[-1]['ping_during_create']['max_ms']} ms; RSS {rounds[-1]['rss_after_mib']} MiB",
                       flush=True)
-            await asyncio.sleep(5)
-            rss_end = rss_mib(proc.pid)
+            settle: list[dict[str, float]] = []
+            for waited in range(0, args.settle_s + 1, 5):  # RSS while the worker works off the cancelled items
+                settle.append({"s": waited, "rss_mib": rss_mib(proc.pid)})
+                if waited < args.settle_s:
+                    await asyncio.sleep(5)
+            rss_end = settle[-1]["rss_mib"]
             stop.set()
             await ping_task
             await pinger.http.aclose()
@@ -148,6 +152,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return {"bench": "big-batch", "timestamp": stamp, "command": " ".join([sys.executable, *sys.argv]),
             "coe_src": str(src), "git": git_state(), "cpu_count": os.cpu_count(),
             "input": {"mib": args.mib, "lines": lines}, "rss_start_mib": rss_start, "rss_end_mib": rss_end,
+            "rss_after_last_round": settle,
             "rounds": rounds}
 
 
@@ -155,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--mib", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--settle-s", type=int, default=5, help="seconds to follow RSS after the last round")
     p.add_argument("--coe-src", default=None, help="run coe serve from this checkout (e.g. a worktree)")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
@@ -162,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output) if args.output else RESULTS / f"big-batch-{result['timestamp']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"RSS {result['rss_start_mib']} -> {result['rss_end_mib']} MiB (5 s after the last round)\nresults: {out}")
+    print(f"RSS {result['rss_start_mib']} -> {result['rss_end_mib']} MiB ({args.settle_s} s after the last round): "
+          f"{[x['rss_mib'] for x in result['rss_after_last_round']]}\nresults: {out}")
     return 0
 
 

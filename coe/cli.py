@@ -67,7 +67,7 @@ async def _expert_calls(config_path: str, cfg: RegistryConfig, backends: set[str
     from coe.store import MemoryStore
 
     async with Runtime(config_path, config=cfg, store=MemoryStore(), backends=backends, batches=False,
-                       watch=False, routing=False) as runtime:
+                       watch=False, routing=False, log_tag="cli") as runtime:
         await runtime.wait_ready(backends, _READY_TIMEOUT_S)
 
         async def ask(expert: ExpertConfig, body: dict[str, Any], request_id: str) -> tuple[str, dict[str, Any] | None]:

@@ -77,7 +77,7 @@ async def _run(args: argparse.Namespace, cfg: RegistryConfig, items: list[BatchI
     used = ({e.backend for e in experts.values()} if ROUTED_MODEL in models
             else {experts[m].backend for m in models if m in experts})
     async with Runtime(args.config, config=cfg, backends=used, batches=False, watch=False,
-                       routing=ROUTED_MODEL in models) as runtime:
+                       routing=ROUTED_MODEL in models, log_tag="batch-run") as runtime:
         waiting = {b for b in used if not runtime.pool.is_on_demand(b)}  # those come up for their wave
         if waiting:
             print(f"batch: waiting for {', '.join(sorted(waiting))} ...", file=sys.stderr, flush=True)
@@ -148,7 +148,7 @@ async def _work(config: str, cfg: RegistryConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with Runtime(config, config=cfg, batch_worker=True, poll_interval_s=5.0):
+    async with Runtime(config, config=cfg, batch_worker=True, poll_interval_s=5.0, log_tag=f"worker-{os.getpid()}"):
         print("coe worker: taking batch items (SIGTERM finishes or releases what it holds)", file=sys.stderr,
               flush=True)
         await stop.wait()

@@ -144,3 +144,13 @@ async def test_an_api_expert_with_an_unknown_category_is_refused(stub: tuple[str
         accepted = await http.post("/v1/experts", json={"name": "y", "backend": "stub", "model": "stub",
                                                         "categories": ["law"]})
         assert accepted.status_code == 201, accepted.text
+
+
+async def test_a_repeated_query_parameter_is_refused(coe: RunningCoe) -> None:
+    async with httpx.AsyncClient(base_url=coe.url, timeout=30) as http:
+        twice = await http.get("/v1/batches?limit=1&limit=2")
+        once = await http.get("/v1/batches?limit=1")
+        bad = await http.get("/v1/batches?limit=abc")
+    assert twice.status_code == 400 and error_of(twice)["param"] == "limit"
+    assert once.status_code == 200
+    assert bad.status_code == 400  # as the schema now says (not FastAPI's 422)

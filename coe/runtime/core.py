@@ -29,7 +29,7 @@ from coe.batch.jobs import BatchJobs
 from coe.batch.queue import open_queue
 from coe.batch.stages import WaveRunner
 from coe.batch.worker import BatchWorker
-from coe.config import RegistryConfig
+from coe.config import BackendConfig, RegistryConfig
 from coe.dispatch import Dispatcher
 from coe.errors import BackendUnavailable
 from coe.loader import load_registry
@@ -51,12 +51,15 @@ class Runtime:
     batch worker in this process (None: as ``store.embedded_worker`` says, and always when the queue
     is in memory, since no other process could take its work); ``watch``: follow edits of the file;
     ``routing``: build the registry's router (a two-level router loads, or first fits, its classifier),
-    off for a process that only calls experts by name (``coe profile``, a batch without ``model: coe``)."""
+    off for a process that only calls experts by name (``coe profile``, a batch without ``model: coe``);
+    ``log_tag``: a managed vLLM's default log file becomes ``<backend>.<tag>.log``, so that ``coe batch run``
+    or a worker on the machine of a ``coe serve`` does not write into the server's vLLM log."""
 
     def __init__(self, config_path: str | Path, *, config: RegistryConfig | None = None,
                  store: StateStore | None = None, transport_factory: TransportFactory | None = None,
                  backends: Collection[str] | None = None, batches: bool = True, batch_worker: bool | None = None,
-                 watch: bool = True, routing: bool = True, poll_interval_s: float = 1.0,
+                 watch: bool = True, routing: bool = True, log_tag: str | None = None,
+                 poll_interval_s: float = 1.0,
                  drain_timeout_s: float = 30.0,
                  on_reload: Callable[[Registry], None] | None = None) -> None:
         self.config_path = Path(config_path).resolve()
@@ -68,6 +71,7 @@ class Runtime:
         self._batch_worker = batch_worker
         self._watch = watch
         self._routing = routing
+        self._log_tag = log_tag
         self.poll_interval_s = poll_interval_s
         self.drain_timeout_s = drain_timeout_s
         self._on_reload = on_reload
@@ -176,10 +180,24 @@ class Runtime:
 
     # -- backends ---------------------------------------------------------------------------
 
-    def _wanted(self, config: RegistryConfig) -> dict[str, Any]:
-        if self._backends is None:
-            return dict(config.backends)
-        return {n: b for n, b in config.backends.items() if n in self._backends}
+    def backend_configs(self, config: RegistryConfig) -> dict[str, BackendConfig]:
+        """The backends this process runs: those asked for (``backends``), each managed vLLM's default
+        log file tagged (``log_tag``)."""
+        wanted = {n: b for n, b in config.backends.items() if self._backends is None or n in self._backends}
+        if self._log_tag is None:
+            return wanted
+        out = {}
+        for name, backend in wanted.items():
+            launch = backend.launch
+            if launch is not None and launch.log_file is not None and launch.log_file.name == f"{name}.log" \
+                    and launch.log_file.parent.parts[-2:] == (".coe", "logs"):  # the loader's default
+                tagged = launch.log_file.with_name(f"{name}.{self._log_tag}.log")
+                backend = backend.model_copy(update={"launch": launch.model_copy(update={"log_file": tagged})})
+            out[name] = backend
+        return out
+
+    def _wanted(self, config: RegistryConfig) -> dict[str, BackendConfig]:
+        return self.backend_configs(config)
 
     async def _configure(self, config: RegistryConfig) -> None:
         await self.dispatcher.configure(config.dispatch, self._wanted(config))

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from coe.errors import CoeError, PayloadTooLarge, from_validation
+from coe.errors import CoeError, InvalidRequest, PayloadTooLarge, from_validation
 
 log = logging.getLogger("coe.api")
 
@@ -67,6 +67,17 @@ async def parse_body(request: Request, model: type[M]) -> M:
         return model.model_validate_json(raw)
     except ValidationError as exc:
         raise from_validation(exc.errors()) from None
+
+
+def once(*names: str) -> Any:
+    """A dependency that refuses a query parameter given more than once (``?limit=1&limit=2``): 400 naming
+    it, rather than silently taking the last."""
+    async def check(request: Request) -> None:
+        for name in names:
+            if len(request.query_params.getlist(name)) > 1:
+                raise InvalidRequest(f"{name}: given more than once", param=name)
+
+    return check
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:

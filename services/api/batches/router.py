@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from coe.config import ROUTED_MODEL
 from coe.runtime import body_checker
 from services.api.auth import check_client
-from services.api.errors import json_body, openai_responses, parse_body
+from services.api.errors import json_body, once, openai_responses, parse_body
 from services.api.state import jobs_of, runtime_of
 
 router = APIRouter(tags=["batches"], dependencies=[Depends(check_client)])
@@ -52,7 +52,7 @@ async def cancel_batch(batch_id: str, request: Request) -> dict[str, Any]:
     return await jobs_of(request.app).cancel_batch(batch_id)
 
 
-@router.get("/v1/batches", summary="Batches, newest first")
+@router.get("/v1/batches", summary="Batches, newest first", dependencies=[Depends(once("limit", "after"))])
 async def list_batches(request: Request, limit: int = 20, after: str | None = None) -> dict[str, Any]:
     page, more = await jobs_of(request.app).list_batches(max(1, min(limit, 100)), after)
     return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,

@@ -14,7 +14,7 @@ from starlette.datastructures import UploadFile
 
 from coe.errors import InvalidRequest, PayloadTooLarge
 from services.api.auth import check_client
-from services.api.errors import openai_responses
+from services.api.errors import once, openai_responses
 from services.api.state import jobs_of
 
 router = APIRouter(tags=["files"], dependencies=[Depends(check_client)])
@@ -51,7 +51,7 @@ async def create_file(request: Request) -> dict[str, Any]:
     return await jobs.create_file(upload.filename or "upload.jsonl", str(purpose), content)
 
 
-@router.get("/v1/files", summary="Files, newest first")
+@router.get("/v1/files", summary="Files, newest first", dependencies=[Depends(once("purpose"))])
 async def list_files(request: Request, purpose: str | None = None) -> dict[str, Any]:
     files = await jobs_of(request.app).list_files(purpose)
     return {"object": "list", "data": files, "has_more": False}
