@@ -202,13 +202,6 @@ class Runtime:
     async def _configure(self, config: RegistryConfig) -> None:
         await self.dispatcher.configure(config.dispatch, self._wanted(config))
 
-    def backends_of(self, models: Collection[str]) -> set[str]:
-        """The backends that requests naming ``models`` (expert names or ``coe``) may use."""
-        experts = self.registry.current.experts
-        if any(m not in experts for m in models):  # ``coe`` may route to any expert
-            return {e.backend for e in experts.values()}
-        return {experts[m].backend for m in models}
-
     async def wait_ready(self, backends: Collection[str], timeout_s: float) -> None:
         """Until every named backend is healthy; on-demand ones are skipped (their batch wave starts them).
         A backend that failed to start, or the timeout, raises ``BackendUnavailable`` naming them."""
