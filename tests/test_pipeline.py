@@ -296,23 +296,29 @@ async def test_every_expert_failing_is_an_error_not_an_empty_answer(vllm_server:
     assert info.value.status_code == 503
 
 
+def fail_from_the_fourth_chat(transport: RecordingTransport) -> None:
+    """Fault injection: the first three chat calls (three experts) pass, every later one (the aggregator,
+    its retries and fallbacks) gets a 500."""
+    original = transport.handle_async_request
+    seen = 0
+
+    async def fail_fourth(request: httpx.Request) -> httpx.Response:
+        nonlocal seen
+        if request.url.path.endswith("/chat/completions"):
+            seen += 1
+            if seen >= 4:
+                return httpx.Response(500, json={"error": {"message": "injected"}})
+        return await original(request)
+
+    transport.handle_async_request = fail_fourth  # type: ignore[method-assign]
+
+
 async def test_aggregator_down_returns_the_vote(vllm_server: Any, tmp_path: Path) -> None:
     """The aggregator's backend fails after the experts answered: the vote is returned, recorded."""
     transport = RecordingTransport()
     async with running_coe(write_registry(tmp_path / "experts.yaml", registry(vllm_server)),
                            transport_factory=lambda name: transport) as coe:
-        original = transport.handle_async_request
-        seen = 0
-
-        async def fail_fourth(request: httpx.Request) -> httpx.Response:
-            nonlocal seen
-            if request.url.path.endswith("/chat/completions"):
-                seen += 1
-                if seen >= 4:
-                    return httpx.Response(500, json={"error": {"message": "injected"}})
-            return await original(request)
-
-        transport.handle_async_request = fail_fourth  # type: ignore[method-assign]
+        fail_from_the_fourth_chat(transport)
         reply = await ask(coe, extra_body={"coe": {"experts": ["tiny-a0", "tiny-a1", "tiny-a2"]}})
     field = coe_of(reply)
     assert any("degraded" in s for s in field["trace"])
@@ -326,18 +332,7 @@ async def test_streamed_aggregator_down_streams_the_vote(vllm_server: Any, tmp_p
     transport = RecordingTransport()
     async with running_coe(write_registry(tmp_path / "experts.yaml", registry(vllm_server)),
                            transport_factory=lambda name: transport) as coe:
-        original = transport.handle_async_request
-        seen = 0
-
-        async def fail_fourth(request: httpx.Request) -> httpx.Response:
-            nonlocal seen
-            if request.url.path.endswith("/chat/completions"):
-                seen += 1
-                if seen >= 4:
-                    return httpx.Response(500, json={"error": {"message": "injected"}})
-            return await original(request)
-
-        transport.handle_async_request = fail_fourth  # type: ignore[method-assign]
+        fail_from_the_fourth_chat(transport)
         stream = await coe.client().chat.completions.create(
             model="coe", messages=MSG, stream=True, extra_body={"coe": {"experts": ["tiny-a0", "tiny-a1", "tiny-a2"]}},
             **GREEDY)

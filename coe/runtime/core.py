@@ -119,7 +119,7 @@ class Runtime:
             if self._batches:
                 self._open_batches(initial)
             log.info("coe runtime open: %d experts, %d backends", len(registry.experts),
-                     len(self._wanted(registry.config)))
+                     len(self.backend_configs(registry.config)))
         except BaseException:
             await self.aclose()
             raise
@@ -196,11 +196,8 @@ class Runtime:
             out[name] = backend
         return out
 
-    def _wanted(self, config: RegistryConfig) -> dict[str, BackendConfig]:
-        return self.backend_configs(config)
-
     async def _configure(self, config: RegistryConfig) -> None:
-        await self.dispatcher.configure(config.dispatch, self._wanted(config))
+        await self.dispatcher.configure(config.dispatch, self.backend_configs(config))
 
     async def wait_ready(self, backends: Collection[str], timeout_s: float) -> None:
         """Until every named backend is healthy; on-demand ones are skipped (their batch wave starts them).
