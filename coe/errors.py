@@ -9,7 +9,8 @@ errors (httpx, pydantic, yaml, redis) are mapped to these at the boundary with
     CoeError                         500 internal_error
     ├── ConfigError                  500 a registry file is invalid (file:line: field: message)
     ├── InvalidRequest               400 invalid_request_error (param names the field)
-    │   └── PayloadTooLarge          413 code=payload_too_large (a body or file over its limit)
+    │   ├── PayloadTooLarge          413 code=payload_too_large (a body or file over its limit)
+    │   └── TrainError               400 code=invalid_training_input (coe.models.train; nothing written)
     ├── Unauthorized                 401 authentication_error
     ├── Forbidden                    403 permission_error
     ├── NotFound                     404 not_found_error

@@ -27,7 +27,12 @@ def choices_of(item: Mapping[str, Any]) -> list[str]:
 
 
 def format_question(item: Mapping[str, Any]) -> str:
-    """The question as sent to an expert: task prefix, question, lettered choices, the instruction."""
+    """The question as sent to an expert: task prefix, question, lettered choices, the instruction.
+
+    An item that carries its own ``prompt`` (a string) is sent as written: a skill expert trained on
+    its task's own rendering (the skill pack's dev split) is measured on what it will be asked."""
+    if isinstance(item.get("prompt"), str):
+        return str(item["prompt"])
     prefix = str(item.get("task_prefix") or "")
     text = f"{prefix}{item['question']}".strip()
     choices = choices_of(item)

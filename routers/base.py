@@ -50,6 +50,8 @@ class RouteRequest(BaseModel):
     messages: Sequence[Mapping[str, Any]]
     session: str | None = None
     request_id: str = ""
+    level2: bool = True
+    """False turns the two-level router's skill ranking off for this request (``coe.level2``)."""
 
 
 class Router(ABC):

@@ -109,14 +109,15 @@ class TwoLevelRouter(Router):
             pool = [e for e in experts if category in e.categories] or specialists or list(experts)
         else:
             pool = specialists or list(experts)
-        # Level 2 ranks.
+        # Level 2 ranks (unless the request turned it off, to compare).
+        use_level2 = self.use_level2 and request.level2
         profiles = self.recruiter.profiles(experts)
         matched: list[tuple[str, float]] = []
-        if self.use_level2 and result is not None:
+        if use_level2 and result is not None:
             matched = skills_override if skills_override is not None else \
                 self.recruiter.nearest_skills(result.vector, profiles)
         skills = [s for s, _ in matched]
-        beta = 0.0 if not self.use_level2 else (1.0 if self.level1 is None else rc.level2_weight)
+        beta = 0.0 if not use_level2 else (1.0 if self.level1 is None else rc.level2_weight)
         names = [e.name for e in experts]
         # No skill matched: S_m(q) is 0 for everyone, so global strength alone ranks (not file order).
         w = positive_shares(self.recruiter.fit_scores(skills, profiles, names) if skills
@@ -127,7 +128,7 @@ class TwoLevelRouter(Router):
         def ranked(group: Sequence[ExpertConfig]) -> list[tuple[str, float]]:
             return sorted(((e.name, score[e.name]) for e in group), key=lambda t: (-t[1], order[t[0]]))
 
-        k = self._k(confidence, matched)
+        k = self._k(confidence, matched, use_level2)
         in_pool = ranked(pool)
         recruited = self.recruiter.select(in_pool, k)
         if len(recruited) < k:  # the category has fewer experts than k: next best specialists
@@ -135,7 +136,7 @@ class TwoLevelRouter(Router):
         fallback = not confident and generalist is not None
         if fallback and generalist not in recruited:
             recruited.append(str(generalist))
-        reason = self._reason(category, confidence, confident, skills, k, beta)
+        reason = self._reason(category, confidence, confident, skills, k, beta, use_level2)
         recruited, category, reason = self._session(request, recruited, category, confidence, reason, names)
         candidates = ranked(experts)[:CANDIDATES]
         return RoutingDecision(
@@ -148,7 +149,7 @@ class TwoLevelRouter(Router):
             level1=[ExpertChoice(name=n, score=round(p1.get(n, 0.0), 4)) for n, _ in
                     sorted(p1.items(), key=lambda t: (-t[1], order[t[0]]))[:CANDIDATES]] if p1 else [])
 
-    def _k(self, confidence: float | None, matched: Sequence[tuple[str, float]]) -> int:
+    def _k(self, confidence: float | None, matched: Sequence[tuple[str, float]], use_level2: bool) -> int:
         """k_min when level 1 is sure; towards k_max as its confidence falls to the threshold, more so
         when no skill matches strongly. Level 2 alone: by the skill match only."""
         rc = self.config
@@ -158,12 +159,12 @@ class TwoLevelRouter(Router):
         sc = rc.skills
         best = max((s for _, s in matched), default=sc.min_similarity)
         strength = (best - sc.min_similarity) / max(sc.strong_similarity - sc.min_similarity, 1e-9)
-        weak2 = 1 - min(1.0, max(0.0, strength)) if self.use_level2 else weak1
+        weak2 = 1 - min(1.0, max(0.0, strength)) if use_level2 else weak1
         difficulty = weak1 * (0.5 + 0.5 * weak2) if self.level1 is not None else weak2
         return rc.k_min + round((rc.k_max - rc.k_min) * difficulty)
 
     def _reason(self, category: str | None, confidence: float | None, confident: bool, skills: list[str],
-                k: int, beta: float) -> str:
+                k: int, beta: float, use_level2: bool) -> str:
         parts = []
         if category is not None and confidence is not None:
             parts.append(f"category {category!r} at {confidence:.3f} "
@@ -171,8 +172,10 @@ class TwoLevelRouter(Router):
         if skills:
             parts.append(f"skills {', '.join(skills)}")
         parts.append(f"k={k}")
-        if self.use_level2 and self.level1 is not None:
+        if use_level2 and self.level1 is not None:
             parts.append(f"level-2 weight {beta:.2f}")
+        elif self.use_level2:
+            parts.append("level 2 off for this request")
         return "; ".join(parts)
 
     def _session(self, request: RouteRequest, recruited: list[str], category: str | None,

@@ -242,6 +242,11 @@ def test_level2_reranks_with_measured_profiles_and_picks_up_a_new_profile(tmp_pa
     merged.save(profiles)
     d = ask(router, cfg, "Compute the integral of x squared from 0 to 3.")
     assert d.experts[0].name == "newcomer"
+    # coe.level2=false (a side-by-side arm of bench/quality.py): no skills, so no skill ranking
+    off = asyncio.run(router.route(RouteRequest(messages=[{"role": "user", "content": "Compute the integral of x "
+                                                           "squared from 0 to 3."}], level2=False), cfg.experts))
+    assert off.skills == [] and "level 2 off for this request" in off.reason
+    assert off.experts[0].name != "newcomer"
 
 
 def test_annotator_keywords_repeated_across_samples_map_to_profile_skills(cfg: RegistryConfig) -> None:

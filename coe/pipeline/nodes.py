@@ -40,7 +40,8 @@ async def classify(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
                                                               for n in ctx.options.experts],
                                    reason="the request listed its experts")
     else:
-        request = RouteRequest(messages=ctx.messages, session=ctx.session, request_id=ctx.request_id)
+        request = RouteRequest(messages=ctx.messages, session=ctx.session, request_id=ctx.request_id,
+                               level2=ctx.options.level2 is not False)
         decision = await ctx.registry.router.route(request, list(ctx.registry.experts.values()))
     step = {"step": "classify", "router": decision.router, "category": decision.category,
             "confidence": decision.confidence, "experts": decision.names(), "ms": _ms(started)}

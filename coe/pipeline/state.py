@@ -31,6 +31,8 @@ class Options:
     strategy: str | None = None
     rag: bool | None = None
     """True: always retrieve; False: never; None: the gate decides."""
+    level2: bool | None = None
+    """False: rank by level 1 alone (skills off), for side-by-side comparisons; None: as configured."""
 
 
 class ChatCaller(Protocol):

@@ -125,7 +125,7 @@ def options(body: ChatCompletionRequest, registry: Registry | None) -> Options:
     if opts.k is not None and opts.k > max_k:
         raise InvalidRequest(f"coe.k ({opts.k}) exceeds pipeline.max_k ({max_k})", param="coe.k")
     return Options(k=opts.k, experts=list(dict.fromkeys(opts.experts)) if opts.experts else None,
-                   strategy=opts.strategy, rag=opts.rag)
+                   strategy=opts.strategy, rag=opts.rag, level2=opts.level2)
 
 
 class ChatPaths:

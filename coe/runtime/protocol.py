@@ -41,6 +41,9 @@ class CoeOptions(BaseModel):
     strategy: str | None = Field(None, description="aggregation: synthesize, vote or best")
     rag: bool | None = Field(None, strict=True,
                              description="true: always retrieve; false: never; unset: the gate decides")
+    level2: bool | None = Field(None, strict=True,
+                                description="false: the two-level router ranks by level 1 alone (skills off), "
+                                "to compare with and without level 2; unset: as configured")
 
     @field_validator("strategy")
     @classmethod

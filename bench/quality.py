@@ -1,0 +1,350 @@
+"""Does composition beat the best single expert? The skill pack's quality benchmark.
+
+    .venv/bin/python bench/quality.py --start            # starts `coe serve` on experts.yaml, ~45 min
+    .venv/bin/python bench/quality.py --start --quick    # 25 items per skill + part 1, < 10 min
+    .venv/bin/python bench/quality.py --base-url http://127.0.0.1:8080/v1   # a running service
+
+Runs both evaluation parts (``bench/data/quality/``, built by ``bench/quality_data.py``) through
+the service with the openai SDK, one Batch per arm (so the batch worker groups calls per adapter),
+and scores each answer by its task's metric (``examples/pack/tasks.py``). The arms:
+
+- ``base``: the generalist (the base model) on everything;
+- ``expert:<name>``: each skill expert alone, on everything;
+- ``oracle``: each question sent to its own skill's expert;
+- ``coe k=1``, ``coe k=3 vote``, ``coe k=3 synthesize``: ``model="coe"`` with ``coe.k``/``strategy``;
+- ``coe (router k)``: the shipped configuration, the router's own k and strategy;
+- ``coe level2 off``: the same with ``coe.level2=false`` (level 1 alone ranks).
+``--arm-expert NAME`` adds an arm for any registered expert (a merged adapter, for instance).
+
+For each arm and task: accuracy with n and a 95% Wilson interval, tokens and expert calls per
+question, and wall time. Results: ``bench/results/quality-<stamp>.json`` and a chart
+``bench/results/quality-<stamp>.png`` (accuracy per arm and skill, part 2, with intervals).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples" / "pack"))
+
+import tasks  # noqa: E402
+
+DATA = ROOT / "bench" / "data" / "quality"
+RESULTS = ROOT / "bench" / "results"
+SKILL_NAMES = list(tasks.SKILLS)
+
+
+@dataclass
+class Arm:
+    name: str
+    model: Callable[[dict[str, Any]], str]
+    coe: dict[str, Any] | None = None
+    quick: bool = True
+
+
+def arms(extra: Sequence[str]) -> list[Arm]:
+    out = [Arm("base", lambda i: "generalist")]
+    out += [Arm(f"expert:{s}", lambda i, s=s: s) for s in SKILL_NAMES]  # type: ignore[misc]
+    out += [Arm(f"expert:{e}", lambda i, e=e: e) for e in extra]  # type: ignore[misc]
+    out += [Arm("oracle", lambda i: str(i["skill"])),
+            Arm("coe k=1", lambda i: "coe", {"k": 1}),
+            Arm("coe k=3 vote", lambda i: "coe", {"k": 3, "strategy": "vote"}),
+            Arm("coe k=3 synthesize", lambda i: "coe", {"k": 3, "strategy": "synthesize"}),
+            Arm("coe (router k)", lambda i: "coe"),
+            Arm("coe level2 off", lambda i: "coe", {"level2": False})]
+    return out
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval: honest at small n and near 0 or 1."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
+
+
+def load(quick: bool, per_skill: int | None, seed: int) -> list[dict[str, Any]]:
+    items = []
+    for part in ("part1", "part2"):
+        rows = [json.loads(x) for x in (DATA / f"{part}.jsonl").read_text(encoding="utf-8").splitlines()]
+        for r in rows:
+            r["part"] = part
+        if part == "part2":
+            limit = 25 if quick and per_skill is None else per_skill
+            if limit is not None:
+                rng = random.Random(seed)
+                rows = [r for s in SKILL_NAMES for r in rng.sample([x for x in rows if x["skill"] == s],
+                                                                   min(limit, sum(x["skill"] == s for x in rows)))]
+        items += rows
+    return items
+
+
+# --------------------------------------------------------------------------------------- running
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_service(config: Path, timeout_s: float) -> tuple[subprocess.Popen[bytes], str]:
+    import httpx
+
+    port = free_port()
+    log = ROOT / ".coe" / "quality-serve.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    coe = ROOT / ".venv" / "bin" / "coe"
+    proc = subprocess.Popen([str(coe), "serve", "--config", str(config), "--port", str(port)],
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"coe serve exited with {proc.returncode}; see {log}")
+        try:
+            if httpx.get(f"{base}/health/ready", timeout=5).status_code == 200:
+                return proc, f"{base}/v1"
+        except httpx.HTTPError:
+            pass
+        time.sleep(3)
+    stop_service(proc)
+    raise SystemExit(f"coe serve was not ready after {timeout_s:.0f} s; see {log}")
+
+
+def stop_service(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def body(arm: Arm, item: dict[str, Any], max_tokens: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": arm.model(item), "messages": [{"role": "user", "content": tasks.prompt(item)}],
+                           "max_tokens": max_tokens, "temperature": 0}
+    if arm.coe:
+        out["coe"] = arm.coe
+    return out
+
+
+def run_arm(client: Any, arm: Arm, items: list[dict[str, Any]], max_tokens: int,
+            poll_s: float = 2.0) -> tuple[dict[str, dict[str, Any]], float]:
+    """One Batch for the arm; returns each item's response body (or error) by id, and the wall time."""
+    lines = [json.dumps({"custom_id": it["id"], "method": "POST", "url": "/v1/chat/completions",
+                         "body": body(arm, it, max_tokens)}) for it in items]
+    started = time.monotonic()
+    upload = client.files.create(file=("quality.jsonl", ("\n".join(lines) + "\n").encode()), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h", metadata={"bench": "quality", "arm": arm.name})
+    while batch.status not in ("completed", "failed", "expired", "cancelled"):
+        time.sleep(poll_s)
+        batch = client.batches.retrieve(batch.id)
+    wall = time.monotonic() - started
+    if batch.status != "completed":
+        raise SystemExit(f"arm {arm.name}: batch {batch.id} ended {batch.status}: {batch.errors}")
+    out: dict[str, dict[str, Any]] = {}
+    for file_id in (batch.output_file_id, batch.error_file_id):
+        if not file_id:
+            continue
+        for line in client.files.content(file_id).text.splitlines():
+            row = json.loads(line)
+            resp = row.get("response") or {}
+            out[row["custom_id"]] = resp.get("body") if resp.get("status_code") == 200 else \
+                {"error": row.get("error") or resp.get("body")}
+    return out, wall
+
+
+# --------------------------------------------------------------------------------------- scoring
+
+
+def score(items: list[dict[str, Any]], answers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for it in items:
+        resp = answers.get(it["id"]) or {"error": "missing"}
+        text = None
+        if "error" not in resp:
+            text = (resp.get("choices") or [{}])[0].get("message", {}).get("content")
+        coe = resp.get("coe") or {}
+        usage = coe.get("usage") or resp.get("usage") or {}
+        calls = len([c for c in coe.get("experts", []) if c.get("outcome", "ok") == "ok"]) if coe else 1
+        rows.append({"id": it["id"], "part": it["part"], "skill": it["skill"], "task": it["source_task"],
+                     "answer": text, "correct": tasks.correct(it, text), "error": resp.get("error"),
+                     "tokens": int(usage.get("total_tokens") or 0), "calls": calls or (0 if text is None else 1),
+                     "experts": [c.get("name") for c in coe.get("experts", [])] if coe else None})
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def acc(sel: list[dict[str, Any]]) -> dict[str, Any]:
+        n, c = len(sel), sum(r["correct"] for r in sel)
+        return {"n": n, "correct": c, "accuracy": round(c / n, 4) if n else None, "ci95": wilson(c, n),
+                "tokens_per_q": round(sum(r["tokens"] for r in sel) / n, 1) if n else None,
+                "calls_per_q": round(sum(r["calls"] for r in sel) / n, 3) if n else None,
+                "errors": sum(1 for r in sel if r["error"])}
+
+    out: dict[str, Any] = {}
+    for part in ("part1", "part2"):
+        sel = [r for r in rows if r["part"] == part]
+        out[part] = {"all": acc(sel), **{s: acc([r for r in sel if r["skill"] == s]) for s in SKILL_NAMES}}
+    return out
+
+
+def verdict(results: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, computed (never asserted): routed vs the best single expert and the oracle."""
+    arms_ = results["arms"]
+    singles = {a: v for a, v in arms_.items() if a.startswith("expert:") or a == "base"}
+    out: dict[str, Any] = {}
+    for part in ("part1", "part2"):
+        best = max(singles, key=lambda a: singles[a]["summary"][part]["all"]["accuracy"] or 0)
+        best_acc = singles[best]["summary"][part]["all"]["accuracy"] or 0
+        oracle = arms_["oracle"]["summary"][part]["all"]
+        part_out: dict[str, Any] = {"best_single": best, "best_single_accuracy": best_acc,
+                                    "oracle_accuracy": oracle["accuracy"]}
+        for name in ("coe (router k)", "coe k=1"):
+            if name not in arms_:
+                continue
+            a = arms_[name]["summary"][part]["all"]
+            lo, hi = a["ci95"]
+            part_out[name] = {"accuracy": a["accuracy"],
+                              "minus_best_single_points": round(100 * ((a["accuracy"] or 0) - best_acc), 1),
+                              "minus_oracle_points": round(100 * ((a["accuracy"] or 0) - (oracle["accuracy"] or 0)), 1),
+                              "oracle_inside_ci": lo <= (oracle["accuracy"] or 0) <= hi}
+        out[part] = part_out
+    return out
+
+
+# ----------------------------------------------------------------------------------------- chart
+
+
+def _font(size: int, bold: bool = False) -> Any:
+    from PIL import ImageFont
+
+    name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
+    for folder in ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/dejavu"):
+        if (Path(folder) / name).exists():
+            return ImageFont.truetype(str(Path(folder) / name), size)
+    return ImageFont.load_default(size=size)
+
+
+def chart(results: dict[str, Any], path: Path, part: str = "part2") -> None:
+    """Grouped bars: one group per arm, one bar per skill plus 'all'; whiskers are the 95% interval."""
+    from PIL import Image, ImageDraw
+
+    groups = list(results["arms"])
+    series = [*SKILL_NAMES, "all"]
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (60, 60, 60)]
+    bar, gap, left, top, plot_h, bottom = 14, 22, 60, 80, 320, 150
+    width = left + len(groups) * (len(series) * bar + gap) + 40
+    img = Image.new("RGB", (width, top + plot_h + bottom), "white")
+    d = ImageDraw.Draw(img)
+    d.text((12, 10), f"Skill pack quality, {part}: accuracy per arm and skill (95% CI)", fill="black",
+           font=_font(18, True))
+    d.text((12, 38), results["command"], fill=(90, 90, 90), font=_font(11))
+    for tick in range(0, 101, 20):
+        y = top + plot_h - plot_h * tick / 100
+        d.line((left, y, width - 20, y), fill=(230, 230, 230))
+        d.text((left - 36, y - 7), f"{tick}%", fill=(90, 90, 90), font=_font(11))
+    for g, arm in enumerate(groups):
+        x0 = left + g * (len(series) * bar + gap) + gap / 2
+        summary = results["arms"][arm]["summary"][part]
+        for s, name in enumerate(series):
+            a = summary[name]
+            if a["accuracy"] is None:
+                continue
+            x = x0 + s * bar
+            y = top + plot_h - plot_h * a["accuracy"]
+            d.rectangle((x, y, x + bar - 2, top + plot_h), fill=colours[s])
+            lo, hi = a["ci95"]
+            cx = x + bar / 2 - 1
+            d.line((cx, top + plot_h - plot_h * lo, cx, top + plot_h - plot_h * hi), fill="black")
+        label = Image.new("RGBA", (150, 16), (255, 255, 255, 0))
+        ImageDraw.Draw(label).text((0, 0), arm, fill="black", font=_font(12))
+        rotated = label.rotate(55, expand=True)
+        img.paste(rotated, (int(x0 + len(series) * bar / 2 - rotated.width + 10), top + plot_h + 6), rotated)
+    for s, name in enumerate(series):
+        x = left + s * 110
+        d.rectangle((x, 58, x + 12, 70), fill=colours[s])
+        d.text((x + 16, 56), name, fill="black", font=_font(12))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base-url", default="http://127.0.0.1:8080/v1", help="a running coe (its /v1)")
+    parser.add_argument("--start", action="store_true", help="start `coe serve` on --config for the run")
+    parser.add_argument("--config", default=str(ROOT / "experts.yaml"))
+    parser.add_argument("--quick", action="store_true", help="25 part-2 items per skill, and part 1")
+    parser.add_argument("--per-skill", type=int, help="part-2 items per skill (default: all 200)")
+    parser.add_argument("--arms", help="comma-separated arm names to run (default: all)")
+    parser.add_argument("--arm-expert", action="append", default=[], metavar="NAME",
+                        help="also run this registered expert alone (e.g. a merged adapter)")
+    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ready-timeout", type=float, default=900)
+    args = parser.parse_args()
+    from openai import OpenAI
+
+    items = load(args.quick, args.per_skill, args.seed)
+    chosen = [a for a in arms(args.arm_expert) if not args.arms or a.name in args.arms.split(",")]
+    proc = None
+    base_url = args.base_url
+    if args.start:
+        proc, base_url = start_service(Path(args.config), args.ready_timeout)
+    client = OpenAI(base_url=base_url, api_key=os.environ.get("COE_API_KEY", "unused"), timeout=600)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    results: dict[str, Any] = {
+        "command": "python bench/quality.py " + " ".join(sys.argv[1:]), "stamp": stamp,
+        "items": {"part1": sum(i["part"] == "part1" for i in items), "part2": sum(i["part"] == "part2" for i in items)},
+        "arms": {}}
+    all_rows = {}
+    try:
+        for arm in chosen:
+            answers, wall = run_arm(client, arm, items, args.max_tokens)
+            rows = score(items, answers)
+            all_rows[arm.name] = rows
+            summary = summarize(rows)
+            results["arms"][arm.name] = {"coe": arm.coe, "wall_s": round(wall, 1), "summary": summary}
+            p1, p2 = summary["part1"]["all"], summary["part2"]["all"]
+            print(f"{arm.name:22s} part2 {p2['accuracy']:.3f} {p2['ci95']} n={p2['n']}  part1 {p1['accuracy']:.3f} "
+                  f"n={p1['n']}  calls/q {p2['calls_per_q']}  tokens/q {p2['tokens_per_q']}  {wall:.0f}s  "
+                  + " ".join(f"{s}={summary['part2'][s]['accuracy']}" for s in SKILL_NAMES), flush=True)
+    finally:
+        if proc is not None:
+            stop_service(proc)
+    if {"oracle"} <= set(results["arms"]) and any(a.startswith("expert:") for a in results["arms"]):
+        results["verdict"] = verdict(results)
+        print(json.dumps(results["verdict"], indent=2))
+    out = RESULTS / f"quality-{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"quality-{stamp}-answers.jsonl").write_text(
+        "".join(json.dumps({"arm": a, **r}) + "\n" for a, rows in all_rows.items() for r in rows))
+    chart(results, RESULTS / f"quality-{stamp}.png")
+    print(f"results: {out.relative_to(ROOT)}; chart: bench/results/quality-{stamp}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
