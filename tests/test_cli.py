@@ -29,7 +29,7 @@ def test_validate_demo_registry() -> None:
     result = run("experts", "validate")
     assert result.returncode == 0, result.stderr
     assert "generalist" in result.stdout and "local-cpu" in result.stdout
-    assert "experts.yaml: ok (3 experts, 1 backends)" in result.stdout
+    assert "experts.yaml: ok (5 experts, 1 backends)" in result.stdout
 
 
 def test_validate_reports_every_error_with_lines(tmp_path: Path) -> None:

@@ -99,3 +99,13 @@ async def test_no_index_means_no_retrieval(vllm_server: Any, tmp_path: Path) -> 
     assert "retrieve" not in [s["step"] for s in field["trace"]]
     recruit = next(s for s in field["trace"] if s["step"] == "recruit")
     assert "coe rag ingest" in recruit["retrieval"]
+
+
+def test_citations_are_checked_against_the_retrieved_ids() -> None:
+    """A model may cite an id it was never given: say which cited ids were retrieved, and which not."""
+    from coe.pipeline.response import check_citations
+
+    ids = ["kb/vpn.md#2", "kb/vpn.md#3"]
+    text = "Restart the client [kb/vpn.md#2], then reset the token [kb/tokens.md#9] (see [4]) [sic] [kb/vpn.md#2]."
+    assert check_citations(text, ids) == (["kb/vpn.md#2"], ["kb/tokens.md#9", "4"])
+    assert check_citations("no citations here", ids) == ([], [])

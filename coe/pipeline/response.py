@@ -4,11 +4,18 @@
 usage, cost, latency), the step-by-step ``trace``, the agreement and, when
 retrieval ran, the ``citations``. ``usage`` is the sum over every call, so a
 client billing by it pays for what the request really used.
+
+Citations are checked against what was retrieved: a model may write a passage id it was never
+given. Each retrieved passage says whether the answer ``cited`` it, and ``unknown_citations``
+lists ids the answer cites that no retrieved passage has, so a client can flag or drop them.
+(A streamed answer is checked only where its text is known at the end: not for the aggregator's
+streamed final stage.)
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -24,8 +31,34 @@ def calls_of(state: State, extra: Sequence[CallRecord] = ()) -> list[CallRecord]
     return [*state.get("calls", []), *extra]
 
 
+_BRACKETED = re.compile(r"\[([^\[\]\s]{1,256})\]")
+
+
+def check_citations(text: str, ids: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(retrieved ids the text cites, cited ids that were never retrieved). A bracketed token counts
+    as a citation when it is a retrieved id or looks like one (``source#n``, or a bare number)."""
+    known = set(ids)
+    cited, unknown = [], []
+    for token in dict.fromkeys(_BRACKETED.findall(text)):
+        if token in known:
+            cited.append(token)
+        elif "#" in token or token.isdigit():
+            unknown.append(token)
+    return cited, unknown
+
+
+def final_text(state: State) -> str | None:
+    response = state.get("response") or {}
+    choices = response.get("choices") or [{}]
+    content = (choices[0].get("message") or {}).get("content")
+    return content if isinstance(content, str) else None
+
+
 def citations(state: State) -> list[dict[str, Any]]:
-    return [{"id": p.id, "source": p.source, "score": p.score, "text": p.text} for p in state.get("passages", [])]
+    passages = state.get("passages", [])
+    cited, _ = check_citations(final_text(state) or "", [p.id for p in passages])
+    return [{"id": p.id, "source": p.source, "score": p.score, "text": p.text, "cited": p.id in cited}
+            for p in passages]
 
 
 def coe_field(state: State, request_id: str, extra: Sequence[CallRecord] = ()) -> dict[str, Any]:
@@ -49,6 +82,9 @@ def coe_field(state: State, request_id: str, extra: Sequence[CallRecord] = ()) -
         out["aggregator_called"] = isinstance(final, FinalCall) and bool(state.get("answers"))
     if state.get("rag") is not None and state.get("passages"):
         out["citations"] = citations(state)
+        text = final_text(state)
+        if text is not None:
+            out["unknown_citations"] = check_citations(text, [p.id for p in state["passages"]])[1]
     return out
 
 
