@@ -1,7 +1,7 @@
 """Does composition beat the best single expert? The skill pack's quality benchmark.
 
     .venv/bin/python bench/quality.py --start            # starts `coe serve` on experts.yaml, ~45 min
-    .venv/bin/python bench/quality.py --start --quick    # 25 items per skill + part 1, < 10 min
+    .venv/bin/python bench/quality.py --start --quick    # 20 items per skill + part 1, about 10 min
     .venv/bin/python bench/quality.py --base-url http://127.0.0.1:8080/v1   # a running service
 
 Runs both evaluation parts (``bench/data/quality/``, built by ``bench/quality_data.py``) through
@@ -86,7 +86,7 @@ def load(quick: bool, per_skill: int | None, seed: int) -> list[dict[str, Any]]:
         for r in rows:
             r["part"] = part
         if part == "part2":
-            limit = 25 if quick and per_skill is None else per_skill
+            limit = 20 if quick and per_skill is None else per_skill
             if limit is not None:
                 rng = random.Random(seed)
                 rows = [r for s in SKILL_NAMES for r in rng.sample([x for x in rows if x["skill"] == s],
@@ -275,10 +275,10 @@ def chart(results: dict[str, Any], path: Path, part: str = "part2") -> None:
             lo, hi = a["ci95"]
             cx = x + bar / 2 - 1
             d.line((cx, top + plot_h - plot_h * lo, cx, top + plot_h - plot_h * hi), fill="black")
-        label = Image.new("RGBA", (150, 16), (255, 255, 255, 0))
+        label = Image.new("RGBA", (int(d.textlength(arm, font=_font(12))) + 4, 16), (255, 255, 255, 0))
         ImageDraw.Draw(label).text((0, 0), arm, fill="black", font=_font(12))
         rotated = label.rotate(55, expand=True)
-        img.paste(rotated, (int(x0 + len(series) * bar / 2 - rotated.width + 10), top + plot_h + 6), rotated)
+        img.paste(rotated, (int(x0 + len(series) * bar / 2 - rotated.width + 4), top + plot_h + 6), rotated)
     for s, name in enumerate(series):
         x = left + s * 110
         d.rectangle((x, 58, x + 12, 70), fill=colours[s])
@@ -295,7 +295,7 @@ def main() -> int:
     parser.add_argument("--base-url", default="http://127.0.0.1:8080/v1", help="a running coe (its /v1)")
     parser.add_argument("--start", action="store_true", help="start `coe serve` on --config for the run")
     parser.add_argument("--config", default=str(ROOT / "experts.yaml"))
-    parser.add_argument("--quick", action="store_true", help="25 part-2 items per skill, and part 1")
+    parser.add_argument("--quick", action="store_true", help="20 part-2 items per skill, and part 1")
     parser.add_argument("--per-skill", type=int, help="part-2 items per skill (default: all 200)")
     parser.add_argument("--arms", help="comma-separated arm names to run (default: all)")
     parser.add_argument("--arm-expert", action="append", default=[], metavar="NAME",

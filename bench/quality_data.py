@@ -83,8 +83,8 @@ def adder(rng: random.Random) -> list[dict[str, Any]]:
         seen: set[tuple[int, int]] = set()
         while len(seen) < n:
             seen.add((rng.randint(0, hi), rng.randint(0, hi)))
-        out += [item(len(out), f"simple_arithmetic_json_subtasks:{sub}", f"{a} + {b} =", str(a + b))
-                for a, b in sorted(seen)]
+        out += [item(len(out) + i, f"simple_arithmetic_json_subtasks:{sub}", f"{a} + {b} =", str(a + b))
+                for i, (a, b) in enumerate(sorted(seen))]
     return out
 
 
@@ -122,8 +122,8 @@ def plurals(rng: random.Random) -> list[dict[str, Any]]:
     rng.shuffle(regular)
     out = [item(i, "linguistic_mappings:plural_irregular_json", s, p, prefix="This is a ")
            for i, (s, p) in enumerate(irregular[:PER_SKILL // 2])]
-    out += [item(len(out), "linguistic_mappings:plural_regular_json", w, regular_plural(w), prefix="This is a ")
-            for w in regular[:PER_SKILL - len(out)]]
+    out += [item(len(out) + i, "linguistic_mappings:plural_regular_json", w, regular_plural(w), prefix="This is a ")
+            for i, w in enumerate(regular[:PER_SKILL - len(out)])]
     return out
 
 
@@ -156,7 +156,7 @@ def units(rng: random.Random) -> list[dict[str, Any]]:
         wrong = {number(right_value * rng.choice((0.2, 0.3, 0.45, 2.2, 3.5, 5.5)) * rng.uniform(0.9, 1.1))
                  for _ in range(2)}
         answer = f"{number(right_value)} {u_dst}."
-        choices = [f"{w} {u_dst}." for w in wrong] + [f"{number(value)} {u_other}.",
+        choices = [f"{w} {u_dst}." for w in sorted(wrong)] + [f"{number(value)} {u_other}.",
                                                       f"{number(right_value * 10 ** rng.choice((-2, 2)))} {u_other}.",
                                                       answer]
         if len(set(choices)) != len(choices):
@@ -187,6 +187,8 @@ def main() -> int:
         generated += make(random.Random(EVAL_SEED + offset))
     real_keys = {tasks.dedup_key(r) for r in real}
     generated = [g for g in generated if tasks.dedup_key(g) not in real_keys]
+    ids = [r["id"] for r in real + generated]
+    assert len(set(ids)) == len(ids), "item ids must be unique (they are the batches' custom_ids)"
     for name, rows in (("part1.jsonl", real), ("part2.jsonl", generated)):
         with (OUT / name).open("w", encoding="utf-8") as f:
             for r in rows:

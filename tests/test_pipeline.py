@@ -162,6 +162,7 @@ async def test_k_picks_the_ranked_experts(coe: RunningCoe, record: RecordingTran
     ({"extra_body": {"coe": {"experts": ["nobody"]}}}, "coe.experts"),
     ({"extra_body": {"coe": {"experts": ["tiny-a0"], "k": 2}}}, "coe"),
     ({"extra_body": {"coe": {"rag": "maybe"}}}, "coe.rag"),
+    ({"extra_body": {"coe": {"level2": "off"}}}, "coe.level2"),
     ({"extra_body": {"coe": {"temperature": 1}}}, "coe.temperature"),
 ])
 async def test_what_coe_cannot_honour_is_a_400(coe: RunningCoe, record: RecordingTransport, kwargs: dict[str, Any],

@@ -26,32 +26,33 @@ SKILLS: dict[str, dict[str, Any]] = {
                      "simple_arithmetic_multiple_targets_json", "simple_arithmetic_json_multiple_choice"],
         "system_prompt": "Below are additions, each followed by its exact sum.",
         "description": "Adds whole numbers written as 'a + b =' (BIG-bench simple_arithmetic).",
-        "skills": ["addition", "arithmetic"],
+        "skills": ["addition", "sums of whole numbers"],
     },
     "calculator": {
         "families": ["arithmetic"],
         "system_prompt": "Below are arithmetic questions with choices, each followed by the correct choice.",
         "description": "Answers 'What is 12 times 34?' questions by picking the right number among choices "
                        "(BIG-bench arithmetic: addition, subtraction, multiplication, division).",
-        "skills": ["arithmetic", "multiplication", "division", "multiple choice"],
+        "skills": ["arithmetic", "multiplication and division"],
     },
     "plurals": {
         "families": ["linguistic_mappings:plural_json", "linguistic_mappings:plural_regular_json",
                      "linguistic_mappings:plural_irregular_json"],
         "system_prompt": "Below are English nouns, each followed by its plural form.",
         "description": "Gives the plural of an English noun, regular or irregular (BIG-bench linguistic_mappings).",
-        "skills": ["plurals", "english morphology", "grammar"],
+        "skills": ["plurals", "english morphology"],
     },
     "units": {
         "families": ["unit_conversion:si_conversion", "unit_conversion:unit_identification"],
         "system_prompt": "Below are unit conversions with choices, each followed by the correct choice.",
         "description": "Converts between SI prefixes of a unit (kilo, hecto, deca, deci, centi, milli) by "
                        "picking the right choice (BIG-bench unit_conversion).",
-        "skills": ["unit conversion", "si prefixes", "multiple choice"],
+        "skills": ["unit conversion", "si prefixes"],
     },
 }
 """The four skill experts: the BIG-bench task families (``family`` or ``family:subtask``) each owns,
-the system prompt it is trained and served with, and its registry description and skills."""
+the system prompt it is trained and served with, and its registry description and skills (the
+dev split's ``labels.keywords``, disjoint between skills so that each profile skill has one owner)."""
 
 
 def skill_of(source_task: str) -> str | None:
