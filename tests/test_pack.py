@@ -1,12 +1,13 @@
 """The committed skill pack is what its manifests say, and the demo registry serves it as trained.
 
-No model runs here: these are file checks, in well under a second. The pack's quality numbers
+No model runs here (the last test runs the router, with the real embedder). The pack's quality numbers
 come from ``bench/quality.py``; its training is tested on the tiny model (test_train_adapter.py).
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -63,3 +64,19 @@ def test_training_data_never_holds_an_evaluation_question() -> None:
             user = json.loads(line)["messages"][-2]["content"]
             question = user.split("\n  choice: ")[0]
             assert tasks.dedup_key({"question": question}) not in held_out, f"{path.name}: {question!r}"
+
+
+def test_the_demo_router_sends_real_bigbench_questions_to_their_skill_expert(tmp_path: Path) -> None:
+    """Level 1 knows the skills: `coe route` on the demo registry (real embedder, classifier fitted
+    on the category examples) puts each real BIG-bench question's own expert first."""
+    part1 = [json.loads(x) for x in (ROOT / "bench" / "data" / "quality" / "part1.jsonl").read_text().splitlines()]
+    queries = tmp_path / "q.jsonl"
+    queries.write_text("".join(json.dumps({"id": r["id"], "question": tasks.prompt(r)}) + "\n" for r in part1))
+    out = tmp_path / "d.jsonl"
+    result = subprocess.run([sys.executable, "-m", "services.cli", "route", "--input", str(queries),
+                             "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    decisions = [json.loads(x) for x in out.read_text().splitlines()]
+    first = [d["experts"][0]["name"] for d in decisions]
+    hits = sum(f == r["skill"] for f, r in zip(first, part1, strict=True))
+    assert hits >= 0.9 * len(part1), list(zip(first, [r["skill"] for r in part1], strict=True))
