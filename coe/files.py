@@ -10,6 +10,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -67,3 +70,28 @@ def published(folder: Path) -> Path:
     """The version ``folder`` points at now (``folder`` itself when it is a plain folder): resolve once,
     then read every file of one load from the result, so a swap in between cannot mix two versions."""
     return folder.resolve() if folder.is_symlink() else folder
+
+
+def read_published(folder: Path, read: Callable[[Path], T], *, wait_s: float = 2.0) -> T | None:
+    """``read(version)`` on the version ``folder`` points at, or None when nothing was ever published there.
+
+    Why a retry: a reader resolves a version and then opens its files; meanwhile a publish may prune that
+    version (more than ``KEEP_VERSIONS`` publishes in between), or take over a plain folder from before
+    versions (the one moment ``folder`` is missing). Either way ``read`` raises FileNotFoundError, and the
+    fresh version is one resolve away. Readers stay lock-free; ``folder`` missing with no version beside it
+    means never published, and a file missing from the version that is still current is a damaged folder
+    (raised at once)."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.001
+    while True:
+        source = published(folder)
+        try:
+            return read(source)
+        except FileNotFoundError:
+            if not folder.exists() and not any(folder.parent.glob(f".{folder.name}-v*")):
+                return None
+            moved = not folder.exists() or published(folder) != source
+            if not moved or time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)

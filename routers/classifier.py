@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from coe.errors import ConfigError
-from coe.files import published
+from coe.files import read_published
 from routers.tfidf import Tfidf
 
 if TYPE_CHECKING:
@@ -165,30 +165,34 @@ class CategoryClassifier:
         import faiss
         import numpy as np
 
-        source = published(folder)  # every file from one version, whatever a refit does meanwhile
-
-        try:
+        def read(source: Path) -> tuple[dict[str, Any], Linear | None, Knn | None, LexicalLinear | None]:
             meta: dict[str, Any] = json.loads((source / "meta.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ConfigError([f"{folder}: not a router artifact ({exc}); fit one with 'coe router fit'"]) from exc
-        if meta.get("format") != ARTIFACT_FORMAT:
-            raise ConfigError([f"{folder}: router artifact format {meta.get('format')!r}, this coe reads "
-                               f"{ARTIFACT_FORMAT}: refit it with 'coe router fit'"])
-        classes = list(meta["classes"])
-        members = meta.get("members", {})
-        try:
+            if meta.get("format") != ARTIFACT_FORMAT:
+                return meta, None, None, None
+            members = meta.get("members", {})
             linear = knn = tfidf = None
             if "linear" in members:
                 linear = Linear(np.load(source / "linear_W.npy"), np.load(source / "linear_b.npy"),
                                 members["linear"].get("groups"))
             if "knn" in members:
                 knn = Knn(faiss.read_index(str(source / "knn.faiss")), np.load(source / "knn_labels.npy"),
-                          int(members["knn"]["k"]), len(classes))
+                          int(members["knn"]["k"]), len(meta["classes"]))
             if "tfidf" in members:
                 tfidf = LexicalLinear(Tfidf.load(source), np.load(source / "tfidf_W.npy"),
                                       np.load(source / "tfidf_b.npy"))
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise ConfigError([f"{folder}: router artifact is damaged ({exc}); "
-                               "refit it with 'coe router fit'"]) from exc
+            return meta, linear, knn, tfidf
+
+        try:  # every file from one version, whatever a refit does meanwhile
+            loaded = read_published(folder, read)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+            raise ConfigError([f"{folder}: not a router artifact, or a damaged one ({exc}); "
+                               "fit it again with 'coe router fit'"]) from exc
+        if loaded is None:
+            raise ConfigError([f"{folder}: not a router artifact (no such folder); fit one with 'coe router fit'"])
+        meta, linear, knn, tfidf = loaded
+        if meta.get("format") != ARTIFACT_FORMAT:
+            raise ConfigError([f"{folder}: router artifact format {meta.get('format')!r}, this coe reads "
+                               f"{ARTIFACT_FORMAT}: refit it with 'coe router fit'"])
+        classes = list(meta["classes"])
         return cls(classes, linear, knn, tfidf, {k: float(v) for k, v in meta["weights"].items()},
                    float(meta["temperature"]), meta)

@@ -123,6 +123,46 @@ def test_the_index_exists_after_every_step_of_a_reingest(tmp_path: Path, monkeyp
     assert seen and all(seen), seen
 
 
+def test_a_reader_whose_version_is_pruned_meanwhile_reads_the_current_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race CI hit: a reader resolves a version, and before it opens the files, re-ingests prune that
+    version. The reader must read the current version, not report an empty index. Made deterministic by
+    running the re-ingests inside the reader's first resolve."""
+    import coe.files
+    import coe.rag.store
+
+    folder = tmp_path / "rag" / "default"
+    doc = tmp_path / "a.md"
+    doc.write_text("# A\nAlpha facts, edition 0.")
+    embedder = shared_embedder("onnx")
+    RagIndex.open(folder, embedder).ingest([doc], chunk_words=50, overlap_words=10)
+    resolve = coe.files.published
+    reader_resolves = 0
+    publishing = False
+    last = coe.files.KEEP_VERSIONS + 1
+
+    def stale_then_publish(path: Path) -> Path:
+        nonlocal reader_resolves, publishing
+        source = resolve(path)
+        if publishing:
+            return source
+        reader_resolves += 1
+        if reader_resolves == 1:  # hand out this version, then publish past it until it is pruned
+            publishing = True
+            for i in range(1, last + 1):
+                doc.write_text(f"# A\nAlpha facts, edition {i}.")
+                RagIndex.open(folder, embedder).ingest([doc], chunk_words=50, overlap_words=10)
+            publishing = False
+            assert not source.exists(), "the version handed out was pruned"
+        return source
+
+    monkeypatch.setattr(coe.files, "published", stale_then_publish)
+    monkeypatch.setattr(coe.rag.store, "published", stale_then_publish, raising=False)
+    index = RagIndex.open(folder, embedder)
+    assert reader_resolves >= 2, "the reader resolved again after its version went"
+    assert len(index.chunks) == 1 and f"edition {last}." in index.chunks[0].text
+
+
 def test_bad_paths_are_all_listed_and_nothing_changes(tmp_path: Path) -> None:
     index = RagIndex.open(tmp_path / "idx", shared_embedder("onnx"))
     (tmp_path / "img.png").write_bytes(b"\x89PNG")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from coe.errors import ConfigError, InvalidRequest
-from coe.files import publish_folder, published
+from coe.files import publish_folder, read_published
 from coe.rag.chunk import Chunk, chunk_text
 
 if TYPE_CHECKING:
@@ -52,17 +52,21 @@ class RagIndex:
         """The index in ``folder``, or an empty one when it does not exist yet."""
         import numpy as np
 
-        source = published(folder)  # one version for every file of this load, whatever a re-ingest does
-        meta_file = source / "meta.json"
-        if not meta_file.exists():
-            return cls(folder, embedder, [], np.zeros((0, embedder.dim), dtype=np.float32), {})
-        try:
-            meta: dict[str, Any] = json.loads(meta_file.read_text(encoding="utf-8"))
+        def load(source: Path) -> tuple[dict[str, Any], list[Chunk], Matrix] | None:
+            if source == folder and folder.is_dir() and not (folder / "meta.json").exists():
+                return None  # a plain folder with no index in it yet
+            meta: dict[str, Any] = json.loads((source / "meta.json").read_text(encoding="utf-8"))
             chunks = [Chunk(**json.loads(line)) for line in
                       (source / "chunks.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
-            vectors = np.load(source / "vectors.npy")
+            return meta, chunks, np.load(source / "vectors.npy")
+
+        try:  # every file from one version, whatever a re-ingest does meanwhile
+            loaded = read_published(folder, load)
         except (OSError, ValueError, TypeError) as exc:
             raise ConfigError([f"{folder}: retrieval index is damaged ({exc}); re-ingest it"]) from exc
+        if loaded is None:
+            return cls(folder, embedder, [], np.zeros((0, embedder.dim), dtype=np.float32), {})
+        meta, chunks, vectors = loaded
         if meta.get("format") != INDEX_FORMAT or meta.get("embedder") != embedder.name:
             raise ConfigError([f"{folder}: index format {meta.get('format')!r} / embedder {meta.get('embedder')!r} "
                                f"does not match this coe ({INDEX_FORMAT} / {embedder.name}): re-ingest it"])
