@@ -295,10 +295,13 @@ def _parser(extend: Extend | None = None) -> argparse.ArgumentParser:
     if extend is not None:
         extend(sub, command)
 
-    experts = sub.add_parser("experts", help="inspect the registry").add_subparsers(
+    experts = sub.add_parser("experts", help="inspect the registry; build merged experts").add_subparsers(
         dest="experts_command", required=True, metavar="SUBCOMMAND")
     command(experts.add_parser("validate", help="check the registry; print it, or every error (exit 1)"),
             cmd_validate)
+    from coe.cli_merge import add_commands as add_merge_command
+
+    add_merge_command(experts, command)
 
     route = command(sub.add_parser("route", help="route queries without calling any expert"), cmd_route)
     route.add_argument("--input", required=True, help="JSONL: {id, question} or OpenAI batch lines")

@@ -13,8 +13,11 @@ from fastapi.responses import JSONResponse
 
 from coe.config import ExpertConfig
 from coe.errors import NotFound, clip
+from coe.merging import merge_and_register
+from coe.models.merge import MergeSpec
 from services.api.auth import check_admin, check_client
 from services.api.errors import json_body, openai_responses, parse_body
+from services.api.experts.protocol import MergeRequest
 from services.api.state import runtime_of
 
 router = APIRouter(tags=["experts"])
@@ -49,6 +52,24 @@ async def register_expert(request: Request) -> JSONResponse:
     expert = await parse_body(request, ExpertConfig)
     registered = await runtime_of(request.app).registry.register(expert)
     return JSONResponse(_describe(registered, "api"), status_code=201)
+
+
+@router.post(
+    "/v1/experts/merge", dependencies=[Depends(check_admin)], status_code=201,
+    responses=openai_responses(400, 403, 404, 409, 502, 503),
+    openapi_extra=json_body(MergeRequest),
+    summary="Build a merged adapter expert from registered adapter experts and register it (admin)",
+)
+async def merge_experts(request: Request) -> JSONResponse:
+    """The merge runs in a thread under the new adapter's lock; the result is written under the backend's
+    first ``adapter_roots`` folder and registered like ``POST /v1/experts``."""
+    body = await parse_body(request, MergeRequest)
+    runtime = runtime_of(request.app)
+    spec = MergeSpec(method=body.method, weights=tuple(body.weights) if body.weights is not None else None,
+                     density=body.density, rank=body.rank, seed=body.seed)
+    expert, manifest = await merge_and_register(runtime.registry, runtime.pool, body.name, body.sources, spec,
+                                                system_prompt=body.system_prompt, description=body.description)
+    return JSONResponse({**_describe(expert, "api"), "merge": manifest}, status_code=201)
 
 
 @router.delete("/v1/experts/{name}", dependencies=[Depends(check_admin)],
