@@ -7,7 +7,9 @@ backend's ``adapter_roots``, which API registration requires anyway), whether th
 the resulting rank (``--max-lora-rank``), and the expert the result becomes. Everything that can be
 checked is checked before the first byte is written, and the output appears by one rename.
 
-The merged expert's skills and categories are the union of its sources'. It has no measured profile,
+The merged expert's skills and categories are the union of its sources'; the settings they all share
+(``params`` such as the stop sequence, ``cost``, ``tier``, ``max_tokens``, and the system prompt unless
+one is given) carry over. It has no measured profile,
 so the router gives it a synthetic one until ``coe profile`` measures it.
 """
 
@@ -47,11 +49,16 @@ class MergePlan:
     description: str
 
     def expert(self) -> ExpertConfig:
+        shared: dict[str, Any] = {}  # what every source agrees on (sampling params and stop sequences, cost, tier)
+        for key in ("params", "cost", "tier", "max_tokens"):
+            values = [getattr(e, key) for e in self.sources]
+            if all(v == values[0] for v in values):
+                shared[key] = values[0]
         skills = list(dict.fromkeys(s for e in self.sources for s in e.skills))
         categories = list(dict.fromkeys(c for e in self.sources for c in e.categories))
         return ExpertConfig(name=self.name, backend=self.backend, model=self.sources[0].model,
                             adapter=Adapter(name=self.name, path=self.out), system_prompt=self.system_prompt,
-                            description=self.description, skills=skills, categories=categories)
+                            description=self.description, skills=skills, categories=categories, **shared)
 
 
 def plan_merge(config: RegistryConfig, experts: dict[str, ExpertConfig], name: str, source_names: list[str],

@@ -107,6 +107,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def registry(tiny: Any, roots: list[Path], **backend: Any) -> RegistryConfig:
     experts: list[dict[str, Any]] = [
         {"name": f"a{i}", "backend": "tiny", "model": "tiny", "skills": [f"skill{i}"], "categories": [f"c{i}"],
+         "params": {"stop": ["\n\nQ:"]}, "system_prompt": f"You are a{i}.",
          "adapter": {"name": f"tiny-lora-{i}", "path": str(tiny.adapters[f"tiny-lora-{i}"])}} for i in range(3)]
     experts.append({"name": "whole", "backend": "tiny", "model": "tiny"})
     return RegistryConfig.model_validate({
@@ -159,6 +160,8 @@ def test_merged_delta_equals_the_numpy_reference(tiny: Any, tmp_path: Path, meth
     assert [s["expert"] for s in manifest["sources"]] == sources
     assert all(len(s["adapter_sha256"]) == 64 for s in manifest["sources"])
     assert expert.skills == ["skill0", "skill1"] and expert.categories == ["c0", "c1"]
+    assert expert.params == {"stop": ["\n\nQ:"]}, "settings every source shares carry over"
+    assert expert.system_prompt is None, "the sources' prompts differ: none is picked"
     assert expert.adapter is not None and expert.adapter.name == f"m-{method}"
 
 
