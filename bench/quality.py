@@ -15,6 +15,14 @@ and scores each answer by its task's metric (``examples/pack/tasks.py``). The ar
 - ``coe (router k)``: the shipped configuration, the router's own k and strategy;
 - ``coe level2 off``: the same with ``coe.level2=false`` (level 1 alone ranks).
 ``--arm-expert NAME`` adds an arm for any registered expert (a merged adapter, for instance).
+``--merge METHOD`` (repeatable) builds one adapter merging all four skill experts by that method through
+``POST /v1/experts/merge`` and adds it as the arm ``merged:METHOD``; with ``--start`` the service runs on
+a copy of ``--config`` whose backend allows the merged ranks. ``--two-skill`` adds the two-skill set
+(``two_skill.jsonl``: two questions of two skills in one message, right only when both answers are).
+
+    .venv/bin/python bench/quality.py --start --per-skill 50 --two-skill \
+        --arms "coe k=1,coe k=3 vote,coe k=3 synthesize,oracle" --merge cat --merge linear --merge ties \
+        --merge dare_linear --merge dare_ties     # route vs merge vs compose
 
 For each arm and task: accuracy with n and a 95% Wilson interval, tokens and expert calls per
 question, and wall time. Results: ``bench/results/quality-<stamp>.json`` and a chart
@@ -79,9 +87,13 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
 
 
-def load(quick: bool, per_skill: int | None, seed: int) -> list[dict[str, Any]]:
+def load(quick: bool, per_skill: int | None, seed: int, two_skill: bool = False) -> list[dict[str, Any]]:
     items = []
-    for part in ("part1", "part2"):
+    for part in ("part1", "part2", *(("two",) if two_skill else ())):
+        if part == "two":
+            rows = [json.loads(x) for x in (DATA / "two_skill.jsonl").read_text(encoding="utf-8").splitlines()]
+            items += [{**r, "part": "two"} for r in rows]
+            continue
         rows = [json.loads(x) for x in (DATA / f"{part}.jsonl").read_text(encoding="utf-8").splitlines()]
         for r in rows:
             r["part"] = part
@@ -138,7 +150,8 @@ def stop_service(proc: subprocess.Popen[bytes]) -> None:
 
 
 def body(arm: Arm, item: dict[str, Any], max_tokens: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"model": arm.model(item), "messages": [{"role": "user", "content": tasks.prompt(item)}],
+    text = item.get("prompt") or tasks.prompt(item)
+    out: dict[str, Any] = {"model": arm.model(item), "messages": [{"role": "user", "content": text}],
                            "max_tokens": max_tokens, "temperature": 0}
     if arm.coe:
         out["coe"] = arm.coe
@@ -172,6 +185,58 @@ def run_arm(client: Any, arm: Arm, items: list[dict[str, Any]], max_tokens: int,
     return out, wall
 
 
+def merged_name(method: str) -> str:
+    return f"merged-{method.replace('_', '-')}"
+
+
+MERGED_SYSTEM_PROMPT = "Below are questions, each followed by a short, correct answer."
+"""The merged experts' system prompt: each source was trained with its own, so a merge of all four gets
+the neutral one the generalist uses (giving it a skill's prompt per question would be routing)."""
+
+
+def merge_config(config: Path, stamp: str) -> Path:
+    """A copy of ``config`` beside it (so relative paths still resolve) whose managed backend allows
+    rank 32 (cat of four rank-8 adapters) and a merged adapter in each batch beside the skills, and
+    whose first adapter root is a fresh folder for this run's merged adapters."""
+    import yaml
+
+    doc = yaml.safe_load(config.read_text(encoding="utf-8"))
+    for backend in doc["backends"].values():
+        launch = backend.get("launch")
+        if launch is not None and launch.get("lora_modules"):
+            launch["max_lora_rank"] = max(32, int(launch.get("max_lora_rank", 8)))
+            launch["max_loras"] = int(launch.get("max_loras", 2)) + 1
+            launch["max_cpu_loras"] = int(launch["max_loras"]) + 8
+            backend["adapter_roots"] = [f".coe/merged/{stamp}", *backend.get("adapter_roots", [])]
+    out = config.with_name(f".quality-merge-{stamp}.yaml")
+    out.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return out
+
+
+def create_merged(base_url: str, method: str, density: float, rank: int | None, stamp: str) -> dict[str, Any]:
+    """Build and register one merged expert through the admin API; returns its manifest."""
+    import httpx
+
+    body: dict[str, Any] = {"name": merged_name(method), "from": SKILL_NAMES, "method": method,
+                            "system_prompt": MERGED_SYSTEM_PROMPT}
+    if method in ("ties", "dare_linear", "dare_ties"):
+        body["density"] = density
+    if rank is not None and method != "cat":
+        body["rank"] = rank
+    key = os.environ.get("COE_ADMIN_KEY", "unused")
+    started = time.monotonic()
+    r = httpx.post(f"{base_url}/experts/merge", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=900)
+    if r.status_code != 201:
+        raise SystemExit(f"merge {method} failed: HTTP {r.status_code}: {r.text[:500]}")
+    manifest: dict[str, Any] = r.json()["merge"]
+    print(f"merged:{method}: rank {manifest['merge']['rank']}, reconstruction error "
+          f"max {manifest['reconstruction_error']['relative_frobenius_max']:.3f} "
+          f"mean {manifest['reconstruction_error']['relative_frobenius_mean']:.3f}, "
+          f"{time.monotonic() - started:.0f} s", flush=True)
+    manifest["reconstruction_error"].pop("per_module", None)
+    return {**manifest, "request": body, "seconds": round(time.monotonic() - started, 1)}
+
+
 # --------------------------------------------------------------------------------------- scoring
 
 
@@ -185,8 +250,13 @@ def score(items: list[dict[str, Any]], answers: dict[str, dict[str, Any]]) -> li
         coe = resp.get("coe") or {}
         usage = coe.get("usage") or resp.get("usage") or {}
         calls = len([c for c in coe.get("experts", []) if c.get("outcome", "ok") == "ok"]) if coe else 1
+        halves = None
+        if it["part"] == "two":  # each half right when some line of the answer is right for it
+            lines = [ln for ln in (text or "").splitlines() if ln.strip()]
+            halves = [any(tasks.correct(p, ln) for ln in lines) for p in it["parts"]]
         rows.append({"id": it["id"], "part": it["part"], "skill": it["skill"], "task": it["source_task"],
-                     "answer": text, "correct": tasks.correct(it, text), "error": resp.get("error"),
+                     "answer": text, "correct": all(halves) if halves is not None else tasks.correct(it, text),
+                     "halves": halves, "error": resp.get("error"),
                      "tokens": int(usage.get("total_tokens") or 0), "calls": calls or (0 if text is None else 1),
                      "experts": [c.get("name") for c in coe.get("experts", [])] if coe else None})
     return rows
@@ -204,15 +274,21 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for part in ("part1", "part2"):
         sel = [r for r in rows if r["part"] == part]
         out[part] = {"all": acc(sel), **{s: acc([r for r in sel if r["skill"] == s]) for s in SKILL_NAMES}}
+    two = [r for r in rows if r["part"] == "two"]
+    if two:
+        halves = [h for r in two for h in (r["halves"] or [False, False])]
+        out["two"] = {"all": acc(two), "halves_right": round(sum(halves) / len(halves), 4),
+                      **{pair: acc([r for r in two if r["skill"] == pair])
+                         for pair in sorted({r["skill"] for r in two})}}
     return out
 
 
 def verdict(results: dict[str, Any]) -> dict[str, Any]:
     """The issue's targets, computed (never asserted): routed vs the best single expert and the oracle."""
     arms_ = results["arms"]
-    singles = {a: v for a, v in arms_.items() if a.startswith("expert:") or a == "base"}
+    singles = {a: v for a, v in arms_.items() if a in {f"expert:{s}" for s in SKILL_NAMES} or a == "base"}
     out: dict[str, Any] = {}
-    for part in ("part1", "part2"):
+    for part in ("part1", "part2") if singles else ():
         best = max(singles, key=lambda a: singles[a]["summary"][part]["all"]["accuracy"] or 0)
         best_acc = singles[best]["summary"][part]["all"]["accuracy"] or 0
         oracle = arms_["oracle"]["summary"][part]["all"]
@@ -228,6 +304,17 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
                               "minus_oracle_points": round(100 * ((a["accuracy"] or 0) - (oracle["accuracy"] or 0)), 1),
                               "oracle_inside_ci": lo <= (oracle["accuracy"] or 0) <= hi}
         out[part] = part_out
+    merged = {a: v for a, v in arms_.items() if a.startswith("merged:")}
+    if merged:  # route vs merge vs compose, per set
+        def acc_of(arm: str, part: str) -> float | None:
+            summary = arms_.get(arm, {}).get("summary", {}).get(part)
+            return summary["all"]["accuracy"] if summary else None
+
+        out["route_merge_compose"] = {
+            part: {"route (coe k=1)": acc_of("coe k=1", part), "compose (coe k=3 vote)": acc_of("coe k=3 vote", part),
+                   "compose (coe k=3 synthesize)": acc_of("coe k=3 synthesize", part),
+                   **{arm: acc_of(arm, part) for arm in merged}}
+            for part in ("part1", "part2", "two")}
     return out
 
 
@@ -303,37 +390,58 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ready-timeout", type=float, default=900)
+    parser.add_argument("--two-skill", action="store_true", help="add the two-skill set (bench/data/quality)")
+    parser.add_argument("--merge", action="append", default=[], metavar="METHOD",
+                        help="merge the four skill experts by METHOD and add the arm merged:METHOD (repeatable)")
+    parser.add_argument("--merge-density", type=float, default=0.5, help="density of ties and dare_* (default 0.5)")
+    parser.add_argument("--merge-rank", type=int, help="rank of the SVD methods (default: the largest source rank)")
+    parser.add_argument("--smoke", action="store_true", help="3 items per part: checks the run end to end")
     args = parser.parse_args()
     from openai import OpenAI
 
-    items = load(args.quick, args.per_skill, args.seed)
+    items = load(args.quick, args.per_skill, args.seed, args.two_skill)
+    if args.smoke:
+        items = [i for part in ("part1", "part2", "two") for i in [x for x in items if x["part"] == part][:3]]
     chosen = [a for a in arms(args.arm_expert) if not args.arms or a.name in args.arms.split(",")]
+    chosen += [Arm(f"merged:{m}", lambda i, m=m: merged_name(m)) for m in args.merge]  # type: ignore[misc]
     proc = None
     base_url = args.base_url
-    if args.start:
-        proc, base_url = start_service(Path(args.config), args.ready_timeout)
-    client = OpenAI(base_url=base_url, api_key=os.environ.get("COE_API_KEY", "unused"), timeout=600)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    config = Path(args.config)
+    if args.start and args.merge:
+        config = merge_config(config, stamp)
+    if args.start:
+        proc, base_url = start_service(config, args.ready_timeout)
+    client = OpenAI(base_url=base_url, api_key=os.environ.get("COE_API_KEY", "unused"), timeout=600)
+    merges: dict[str, Any] = {}
     results: dict[str, Any] = {
         "command": "python bench/quality.py " + " ".join(sys.argv[1:]), "stamp": stamp,
-        "items": {"part1": sum(i["part"] == "part1" for i in items), "part2": sum(i["part"] == "part2" for i in items)},
+        "items": {part: sum(i["part"] == part for i in items) for part in ("part1", "part2", "two")},
         "arms": {}}
     all_rows = {}
     try:
+        for method in args.merge:
+            merges[method] = create_merged(base_url, method, args.merge_density, args.merge_rank, stamp)
+        results["merges"] = merges
         for arm in chosen:
-            answers, wall = run_arm(client, arm, items, args.max_tokens)
-            rows = score(items, answers)
+            arm_items = [i for i in items if not (arm.name == "oracle" and i["part"] == "two")]
+            answers, wall = run_arm(client, arm, arm_items, args.max_tokens)
+            rows = score(arm_items, answers)
             all_rows[arm.name] = rows
             summary = summarize(rows)
             results["arms"][arm.name] = {"coe": arm.coe, "wall_s": round(wall, 1), "summary": summary}
             p1, p2 = summary["part1"]["all"], summary["part2"]["all"]
             print(f"{arm.name:22s} part2 {p2['accuracy']:.3f} {p2['ci95']} n={p2['n']}  part1 {p1['accuracy']:.3f} "
                   f"n={p1['n']}  calls/q {p2['calls_per_q']}  tokens/q {p2['tokens_per_q']}  {wall:.0f}s  "
-                  + " ".join(f"{s}={summary['part2'][s]['accuracy']}" for s in SKILL_NAMES), flush=True)
+                  + " ".join(f"{s}={summary['part2'][s]['accuracy']}" for s in SKILL_NAMES)
+                  + (f"  two-skill {summary['two']['all']['accuracy']} (halves {summary['two']['halves_right']})"
+                     if "two" in summary else ""), flush=True)
     finally:
         if proc is not None:
             stop_service(proc)
-    if {"oracle"} <= set(results["arms"]) and any(a.startswith("expert:") for a in results["arms"]):
+        if config != Path(args.config):
+            config.unlink(missing_ok=True)
+    if {"oracle"} <= set(results["arms"]):
         results["verdict"] = verdict(results)
         print(json.dumps(results["verdict"], indent=2))
     out = RESULTS / f"quality-{stamp}.json"

@@ -1,6 +1,6 @@
 """Build the evaluation sets of the skill pack (``bench/data/quality/``); never used for training.
 
-    .venv/bin/python bench/quality_data.py          # rewrites part1.jsonl and part2.jsonl
+    .venv/bin/python bench/quality_data.py          # rewrites part1.jsonl, part2.jsonl and two_skill.jsonl
 
 - **Part 1** (``part1.jsonl``): every real BIG-bench example of the pack's task families in
   ``../shared/data/bigbench_dev.jsonl`` (choices in their original order), tagged with its skill.
@@ -10,6 +10,11 @@
   an evaluation word when ``sha256(word)`` is 0 mod 4; training uses the other three quarters).
   Facts come from public sources committed in ``examples/pack/sources/``: WordNet 3.0's noun
   exception list and noun index (plurals) and GNU units' SI prefixes (unit conversion).
+- **Two-skill set** (``two_skill.jsonl``, for merged experts): 20 items for each of the 6 pairs of
+  skills. Each item asks two questions of two different skills at once ("Answer both questions, one
+  answer per line.") and is right only when both answers are. Its questions come from the same
+  generators with their own seed (``TWO_SKILL_SEED``), and every question that is in part 1, part 2
+  or any skill's training file is dropped, so none was trained on.
 
 Deviation from BIG-bench, stated: in BIG-bench's arithmetic JSON the answer is always the last
 choice (its scoring is by log-likelihood, so order does not matter there). Here the answer is one of
@@ -35,6 +40,9 @@ OUT = ROOT / "bench" / "data" / "quality"
 BIGBENCH = ROOT.parent / "shared" / "data" / "bigbench_dev.jsonl"
 EVAL_SEED = 20261205
 PER_SKILL = 200
+TWO_SKILL_SEED = 20261206
+PER_PAIR = 20
+TWO_SKILL_INSTRUCTION = "Answer both questions, one answer per line."
 
 SI_PREFIXES = [("kilo", "k", 3), ("hecto", "h", 2), ("deca", "da", 1), ("", "", 0), ("deci", "d", -1),
                ("centi", "c", -2), ("milli", "m", -3)]
@@ -179,6 +187,38 @@ def part1() -> list[dict[str, Any]]:
     return rows
 
 
+def training_questions() -> set[str]:
+    """Every user prompt of every skill's training file, normalised as ``tasks.dedup_key`` does."""
+    seen = set()
+    for path in sorted((ROOT / "examples" / "pack" / "train").glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            user = next(m["content"] for m in json.loads(line)["messages"] if m["role"] == "user")
+            seen.add(tasks.dedup_key({"question": user.split("\n  choice:")[0]}))
+    return seen
+
+
+def two_skill(excluded: set[str]) -> list[dict[str, Any]]:
+    """Pairs of fresh questions from two different skills; neither half was trained or evaluated on."""
+    makers = {"adder": adder, "calculator": calculator, "plurals": plurals, "units": units}
+    pools = {}
+    for offset, (skill, make) in enumerate(makers.items()):
+        rows = make(random.Random(TWO_SKILL_SEED + offset))
+        pools[skill] = [r for r in rows if tasks.dedup_key(r) not in excluded]
+    rng = random.Random(TWO_SKILL_SEED)
+    out = []
+    names = list(makers)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            a_pool, b_pool = rng.sample(pools[first], PER_PAIR), rng.sample(pools[second], PER_PAIR)
+            for n, (a, b) in enumerate(zip(a_pool, b_pool, strict=True)):
+                pair = [a, b] if rng.random() < 0.5 else [b, a]
+                out.append({"id": f"two/{first}+{second}/{n}", "source": "coe eval generator (bench/quality_data.py)",
+                            "source_task": "two_skill", "skill": f"{first}+{second}", "format": "two_skill",
+                            "prompt": f"{TWO_SKILL_INSTRUCTION}\n\n" + "\n\n".join(tasks.prompt(p) for p in pair),
+                            "parts": pair})
+    return out
+
+
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     real = part1()
@@ -189,14 +229,16 @@ def main() -> int:
     generated = [g for g in generated if tasks.dedup_key(g) not in real_keys]
     ids = [r["id"] for r in real + generated]
     assert len(set(ids)) == len(ids), "item ids must be unique (they are the batches' custom_ids)"
-    for name, rows in (("part1.jsonl", real), ("part2.jsonl", generated)):
+    excluded = real_keys | {tasks.dedup_key(g) for g in generated} | training_questions()
+    pairs = two_skill(excluded)
+    for name, rows in (("part1.jsonl", real), ("part2.jsonl", generated), ("two_skill.jsonl", pairs)):
         with (OUT / name).open("w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     counts: dict[str, int] = {}
     for g in generated:
         counts[g["skill"]] = counts.get(g["skill"], 0) + 1
-    print(f"part1: {len(real)} real BIG-bench items; part2: {counts}")
+    print(f"part1: {len(real)} real BIG-bench items; part2: {counts}; two_skill: {len(pairs)} pairs")
     return 0
 
 

@@ -123,16 +123,21 @@ def error_response(exc: CoeError) -> JSONResponse:
 
 
 def allowed_methods(request: Request) -> list[str]:
-    """The methods some route of the app serves at the request's path."""
+    """The methods some route of the app serves at the request's path. A path that is a route of its own
+    (``/v1/experts/merge``) answers for that route, not for a template it also fits (``/v1/experts/{name}``):
+    that is what the OpenAPI schema documents for it."""
     from starlette.routing import Match
 
     methods: set[str] = set()
+    exact: set[str] = set()
     for route in request.app.routes:
         match, _ = route.matches({**request.scope, "method": "GET"})
         route_methods = getattr(route, "methods", None)
         if match != Match.NONE and route_methods:
             methods |= set(route_methods)
-    return sorted(methods)
+            if not getattr(route, "param_convertors", None):
+                exact |= set(route_methods)
+    return sorted(exact or methods)
 
 
 def install(app: FastAPI) -> None:
