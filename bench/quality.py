@@ -20,9 +20,9 @@ and scores each answer by its task's metric (``examples/pack/tasks.py``). The ar
 a copy of ``--config`` whose backend allows the merged ranks. ``--two-skill`` adds the two-skill set
 (``two_skill.jsonl``: two questions of two skills in one message, right only when both answers are).
 
-    .venv/bin/python bench/quality.py --start --per-skill 50 --two-skill \
-        --arms "coe k=1,coe k=3 vote,coe k=3 synthesize,oracle" --merge cat --merge linear --merge ties \
-        --merge dare_linear --merge dare_ties     # route vs merge vs compose
+    .venv/bin/python bench/quality.py --start --per-skill 25 --two-skill --per-pair 10 \
+        --arms "coe k=1,coe k=3 vote" --merge cat --merge linear --merge ties \
+        --merge dare_linear --merge dare_ties     # route vs merge vs compose, ~45 min
 
 For each arm and task: accuracy with n and a 95% Wilson interval, tokens and expert calls per
 question, and wall time. Results: ``bench/results/quality-<stamp>.json`` and a chart
@@ -87,11 +87,16 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
 
 
-def load(quick: bool, per_skill: int | None, seed: int, two_skill: bool = False) -> list[dict[str, Any]]:
+def load(quick: bool, per_skill: int | None, seed: int, two_skill: bool = False,
+         per_pair: int | None = None) -> list[dict[str, Any]]:
     items = []
     for part in ("part1", "part2", *(("two",) if two_skill else ())):
         if part == "two":
             rows = [json.loads(x) for x in (DATA / "two_skill.jsonl").read_text(encoding="utf-8").splitlines()]
+            if per_pair is not None:
+                rng = random.Random(seed)
+                rows = [r for pair in sorted({x["skill"] for x in rows})
+                        for r in rng.sample([x for x in rows if x["skill"] == pair], per_pair)]
             items += [{**r, "part": "two"} for r in rows]
             continue
         rows = [json.loads(x) for x in (DATA / f"{part}.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -391,6 +396,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ready-timeout", type=float, default=900)
     parser.add_argument("--two-skill", action="store_true", help="add the two-skill set (bench/data/quality)")
+    parser.add_argument("--per-pair", type=int, help="two-skill items per pair of skills (default: all 20)")
     parser.add_argument("--merge", action="append", default=[], metavar="METHOD",
                         help="merge the four skill experts by METHOD and add the arm merged:METHOD (repeatable)")
     parser.add_argument("--merge-density", type=float, default=0.5, help="density of ties and dare_* (default 0.5)")
@@ -399,7 +405,7 @@ def main() -> int:
     args = parser.parse_args()
     from openai import OpenAI
 
-    items = load(args.quick, args.per_skill, args.seed, args.two_skill)
+    items = load(args.quick, args.per_skill, args.seed, args.two_skill, args.per_pair)
     if args.smoke:
         items = [i for part in ("part1", "part2", "two") for i in [x for x in items if x["part"] == part][:3]]
     chosen = [a for a in arms(args.arm_expert) if not args.arms or a.name in args.arms.split(",")]

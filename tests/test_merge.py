@@ -9,6 +9,7 @@ same adapter (fp32).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -332,6 +333,26 @@ async def test_api_merge_registers_an_expert_vllm_serves_like_peft(vllm_server: 
             assert r.status_code == status, (bad, r.text)
             assert set(r.json()["error"]) == {"message", "type", "param", "code"}
         assert sorted(p.name for p in roots.iterdir()) == ["soup"], "failed merges wrote nothing"
-        assert (await http.delete("/v1/experts/soup")).status_code == 200
+
+        # The CLI merges on this machine and registers through the API; the API expert is a source too.
+        cli = [sys.executable, "-m", "services.cli", "experts", "merge", "--config", str(config), "--register",
+               "--base-url", f"{coe.url}/v1"]
+        proc = await asyncio.create_subprocess_exec(*cli, "soup2", "--from", "soup,tiny-a0", "--method", "linear",
+                                                    cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 300)
+        assert proc.returncode == 0, err.decode()
+        assert yaml.safe_load(out)["experts"][0]["name"] == "soup2"
+        assert (await http.get("/v1/experts/soup2")).json()["source"] == "api"
+        chat = await http.post("/v1/chat/completions", json={
+            "model": "soup2", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4})
+        assert chat.status_code == 200, chat.text
+        proc = await asyncio.create_subprocess_exec(*cli, "soup2", "--from", "soup,tiny-a0", "--method", "linear",
+                                                    cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 300)
+        assert proc.returncode == 1 and "already exists" in err.decode() and "Traceback" not in err.decode()
+        for name in ("soup2", "soup"):
+            assert (await http.delete(f"/v1/experts/{name}")).status_code == 200
     assert tokens == hf_greedy(vllm_server.model_dir, roots / "soup", prompt)
     assert tokens != hf_greedy(vllm_server.model_dir, None, prompt), "the merged adapter changes the output"
