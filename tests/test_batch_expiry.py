@@ -138,14 +138,16 @@ async def test_expiring_batch_cannot_be_cancelled_it_ends_expired(make_jobs: Mak
 
 
 async def test_a_cancel_no_worker_takes_up_ends_on_a_read_after_the_grace(make_jobs: MakeJobs) -> None:
-    """No worker runs (or all are busy): a cancelling batch is swept and ends ``cancelled`` on the
-    first read past ``cancel_grace_s``, by any number of readers at once, keeping what ran."""
+    """A worker began an item and stopped (or is stuck): the cancelling batch waits for it within
+    ``cancel_grace_s``, then the first read past the grace sweeps it (by any number of readers at once)
+    and ends it ``cancelled``, keeping what ran. Items nobody began need nothing."""
     jobs = make_jobs()
     jobs.cancel_grace_s = 1.0
     bid, items = await new_batch(jobs, 5, "g", expiry_s=3600)
     assert await jobs.record(bid, items[0], 200, OK_BODY, "r0")  # ran before the cancel
+    assert await jobs.begin(bid, items[1]) == "in_progress"  # begun by a worker that then stopped
     assert (await jobs.cancel_batch(bid))["status"] == "cancelling"
-    assert (await jobs.get_batch(bid))["status"] == "cancelling"  # within the grace a worker may still come
+    assert (await jobs.get_batch(bid))["status"] == "cancelling"  # within the grace its worker may still come
     await asyncio.sleep(1.2)
     readers = [make_jobs() for _ in range(3)]
     for reader in readers:
@@ -156,34 +158,49 @@ async def test_a_cancel_no_worker_takes_up_ends_on_a_read_after_the_grace(make_j
         assert batch["request_counts"] == {"total": 5, "completed": 1, "failed": 0}
         assert batch["output_file_id"] == ended[0]["output_file_id"]
     assert await output_ids(jobs, ended[0]["output_file_id"]) == ["g-0"]
-    assert not await jobs.record(bid, items[1], 200, OK_BODY, "late")  # a worker coming late counts nothing
+    assert not await jobs.record(bid, items[1], 200, OK_BODY, "late")  # its worker coming late counts nothing
     assert await jobs.status(bid) == "cancelled"
     with pytest.raises(Conflict, match="cancelled"):
         await jobs.cancel_batch(bid)
 
 
-async def test_expiring_batch_without_its_input_file_still_reads(make_jobs: MakeJobs) -> None:
+async def test_a_cancel_with_nothing_running_ends_at_once(make_jobs: MakeJobs) -> None:
+    jobs = make_jobs()
+    bid, items = await new_batch(jobs, 4, "n", expiry_s=3600)
+    assert await jobs.record(bid, items[2], 400, BAD_BODY, "r2")
+    done = await jobs.cancel_batch(bid)
+    assert done["status"] == "cancelled" and done["request_counts"] == {"total": 4, "completed": 0, "failed": 1}
+    assert await output_ids(jobs, done["error_file_id"]) == ["n-2"]
+    assert not await jobs.record(bid, items[0], 200, OK_BODY, "late")
+
+
+async def test_expiring_batch_without_its_input_file_still_ends(make_jobs: MakeJobs) -> None:
+    """Ending an expired batch needs only what was begun, not its input: it ends ``expired`` all the same."""
     jobs = make_jobs()
     bid, items = await new_batch(jobs, 2, "d", expiry_s=1.0)
     await jobs.record(bid, items[0], 200, OK_BODY, "r0")
     batch = await jobs.get_batch(bid)
     await jobs.delete_file(batch["input_file_id"])
     await past(batch["expires_at"])
-    seen = await jobs.get_batch(bid)  # nothing to tell which items are left: no sweep, and no error
-    assert seen["status"] == "expiring"
+    seen = await jobs.get_batch(bid)
+    assert seen["status"] == "expired"
     assert seen["request_counts"] == {"total": 2, "completed": 1, "failed": 0}
+    assert await output_ids(jobs, seen["output_file_id"]) == ["d-0"]
 
 
 async def test_readers_and_workers_ending_it_at_once_agree(make_jobs: MakeJobs) -> None:
-    """Four readers sweep while workers record late results: every item ends with exactly one record,
-    and the output holds exactly the late results whose ``record`` said they counted."""
+    """Workers began 14 items before the window ended; four readers sweep while those workers record
+    their late results: the output holds exactly the late results whose ``record`` said they counted,
+    every item at most once, and once ended the store holds no record per item."""
     readers = [make_jobs() for _ in range(4)]
     bid, items = await new_batch(readers[0], 40, "x")
-    await past((await readers[0].get_batch(bid))["expires_at"])
     late = items[::3]
+    for item in late:
+        assert await readers[0].begin(bid, item) == "in_progress"
+    await past((await readers[0].get_batch(bid))["expires_at"])
     outcomes = await asyncio.gather(
         *(r.get_batch(bid) for r in readers),
-        *(readers[k % 4].record(bid, item, 200, OK_BODY, f"r{k}") for k, item in enumerate(late)),
+        *(readers[k % 4].record(bid, item, 200, OK_BODY, f"r{k}", begun=True) for k, item in enumerate(late)),
         *(r.end_overdue(bid) for r in readers))
     seen, counted = outcomes[:4], outcomes[4:4 + len(late)]
     assert [b["status"] for b in seen] == ["expired"] * 4
@@ -192,9 +209,8 @@ async def test_readers_and_workers_ending_it_at_once_agree(make_jobs: MakeJobs) 
     assert final["status"] == "expired"
     assert final["request_counts"] == {"total": 40, "completed": len(kept), "failed": 0}
     assert await output_ids(readers[2], final["output_file_id"]) == kept
-    assert await readers[3].store.count(f"batch-results.{bid}") == 40
-    skipped = await readers[3].store.count(f"batch-skipped.{bid}")
-    assert skipped == 40 - len(kept)
+    for family in ("batch-started", "batch-results", "batch-failed", "batch-skipped"):
+        assert await readers[3].store.count(f"{family}.{bid}") == 0, family
 
 
 def request_line(custom_id: str, model: str) -> dict[str, Any]:

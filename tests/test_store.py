@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -124,6 +125,59 @@ async def test_put_if_absent(store: StateStore) -> None:
     assert await store.delete("experts", "k") is True
     assert await store.put_if_absent("experts", "k", {"n": 3}) is True
     assert await store.get("experts", "k") == {"n": 3}
+
+
+async def test_put_if_absent_given_another_document(store: StateStore) -> None:
+    """``given``: written only while that other document exists, checked in the same atomic step."""
+    assert await store.put_if_absent("results", "item", {"n": 1}, given=("marks", "item")) is False
+    assert await store.items("results") == {}
+    await store.put("marks", "item", {})
+    assert await store.put_if_absent("results", "item", {"n": 2}, given=("marks", "other")) is False
+    assert await store.put_if_absent("results", "item", {"n": 3}, given=("marks", "item")) is True
+    assert await store.put_if_absent("results", "item", {"n": 4}, given=("marks", "item")) is False
+    assert await store.get("results", "item") == {"n": 3}
+    await store.drop("marks")
+    await store.drop("results")
+    assert await store.put_if_absent("results", "item", {"n": 5}, given=("marks", "item")) is False
+    assert await store.count("results") == 0
+    ok = await asyncio.gather(*(store.put_if_absent("r", "once", {"w": i}, given=("results", "item"))
+                                for i in range(10)))
+    assert sum(ok) == 0
+    await store.put("m", "k", {})
+    ok = await asyncio.gather(*(store.put_if_absent("r", "once", {"w": i}, given=("m", "k")) for i in range(10)))
+    assert sum(ok) == 1 and await store.get("r", "once") == {"w": ok.index(True)}
+
+
+async def test_drop(store: StateStore) -> None:
+    for i in range(50):
+        await store.put("batch-results.b1", f"item-{i}", {"i": i})
+    await store.put("batch-results.b2", "item-0", {"i": 0})
+    assert await store.drop("batch-results.b1") is True
+    assert await store.drop("batch-results.b1") is False
+    assert await store.count("batch-results.b1") == 0
+    assert await store.items("batch-results.b1") == {}
+    assert await store.get("batch-results.b1", "item-3") is None
+    assert await store.items("batch-results.b2") == {"item-0": {"i": 0}}
+    assert await store.put_if_absent("batch-results.b1", "item-3", {"again": True}) is True
+    assert await store.drop("never-written") is False
+    with pytest.raises(ValueError):
+        await store.drop("bad:namespace")
+
+
+async def test_memory_store_keeps_records_at_their_size() -> None:
+    """orjson over-allocates what it returns (at least 4 KiB for a small record): the in-memory store keeps
+    exact-size copies, or one small record per batch item costs 4 KiB (2.6 GiB for 330k items)."""
+    store = MemoryStore()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for i in range(2000):
+            await store.put_if_absent("batch-results.b", f"item-{i}", {"line": i, "status": 0, "skipped": True})
+            await store.put("batch-skipped.b", f"item-{i}", {})
+        grown = sum(d.size_diff for d in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    finally:
+        tracemalloc.stop()
+    assert grown < 2000 * 1024, f"{grown / 2000:.0f} bytes per item (two small records)"
 
 
 async def test_delete(store: StateStore) -> None:

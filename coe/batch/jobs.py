@@ -1,27 +1,47 @@
-"""Files and batch jobs on the state store, in OpenAI's shapes.
+"""Batch jobs on the state store, in OpenAI's shapes (their files: ``coe.batch.files``).
 
-Namespaces: ``files`` (metadata), ``file-data`` (content), ``batches``, and per
-batch ``batch-results.<id>`` (one record per item, FIRST WRITE WINS, so an item
-that ran twice is counted and output once) with ``batch-failed.<id>`` and
+Namespaces: ``batches`` (one record per batch) and, per batch while it runs,
+``batch-started.<id>`` (the items a worker has begun, with their line),
+``batch-results.<id>`` (one record per item, FIRST WRITE WINS, so an item that
+ran twice is counted and output once) with ``batch-failed.<id>`` and
 ``batch-skipped.<id>`` beside it for the live counts. A batch is finalized (its
 output and error files written, status ``completed``, ``cancelled`` or
-``expired``) once every item has a record; finalizing is deterministic and
+``expired``) once every item has a result or, once it is stopped (cancelled or
+past its window), once every item begun has one; finalizing is deterministic and
 idempotent, so any worker may do it, and doing it twice writes the same files.
+Then its per-item records are dropped (``StateStore.drop``): its results live on
+in its files and its counts in its record, so the store keeps nothing per item
+of a batch that has ended (a 330k-item batch kept 2.6 GiB of them in memory).
+
+Stopping costs one record, not one per item. Items nobody has begun are simply
+not run: workers acknowledge their queue entries without a record. An item is
+begun by writing its mark and *then* reading the batch's status (``begin``); a
+finalizer reads the status, then the count of results, then the count of marks.
+So a mark it did not count was written after it saw the batch stopped, and that
+item's worker sees the stop too and records it skipped; every mark it counted
+has its result, and no result comes later (results are only written for items
+marked first). The marks bound the work of ending a batch by what was begun,
+not by its size.
 
 Expiry (OpenAI's): an ``in_progress`` batch past ``expires_at`` is ``expiring``.
 That status is derived from the clock, never written, so no read-modify-write
 of the batch record can race another one over it. Workers skip an expiring
 batch's items as they do a cancelled one's; reading the batch (``get_batch``,
-so ``GET /v1/batches/{id}`` with no worker running) records every item still
-without a result as skipped (first-wins, so any number of readers and workers
-may do it at once) and finalizes it ``expired``, keeping the results it has.
-As for ``cancelled``, skipped items count as neither completed nor failed.
+so ``GET /v1/batches/{id}`` with no worker running) records every item begun
+but without a result as skipped (first-wins, so any number of readers and
+workers may do it at once) and finalizes it ``expired``, keeping the results it
+has. As for ``cancelled``, skipped items count as neither completed nor failed.
 
-Cancel: workers skip a cancelling batch's items as they come to them. So that a
-cancel also ends when no worker comes (none running, or all busy with other
-windows), reading a batch that has been cancelling for ``cancel_grace_s`` sweeps
-it the same way and ends it ``cancelled``. A call still running after the grace
-(longer than ``claim_idle_s`` by default) then loses its result to the skip.
+A worker ends an expiring batch as it ends a cancelling one (below), once the
+calls it had in flight have finished, so every call sent is counted.
+
+Cancel: a cancelling batch ends ``cancelled`` as soon as every item begun has
+its result (at once when none is running). Calls already sent finish, as
+OpenAI's do, and parked ones are not sent (``coe.batch.worker``). So that a
+cancel also ends when a worker that began items stopped, reading a batch that
+has been cancelling for ``cancel_grace_s`` sweeps it the same way and ends it
+``cancelled``. A call still running after the grace (longer than
+``claim_idle_s`` by default) then loses its result to the skip.
 
 Acceptance order, so that a crash never loses an accepted batch: the batch
 record is written (``enqueued: false``), then its queue entries, then
@@ -32,7 +52,6 @@ left at ``enqueued: false``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import math
 import time
 import uuid
@@ -41,18 +60,27 @@ from typing import Any
 
 import orjson
 
-from coe.batch.lines import CHAT_URL, BatchItem, BodyCheck, output_line, parse_batch
+from coe.batch.files import DATA, FILES, OFF_LOOP, BatchFiles
+from coe.batch.lines import CHAT_URL, BatchItem, BodyCheck, batch_ids, output_line, parse_batch
 from coe.batch.queue import WorkQueue
-from coe.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, clip
+from coe.errors import Conflict, InvalidRequest, NotFound, clip
+from coe.heap import trim_soon
 from coe.store.base import StateStore
 
-FILES, DATA, BATCHES = "files", "file-data", "batches"
-OFF_LOOP = 1024 * 1024
-"""Files above this many bytes (or characters) are decoded and parsed in a worker thread."""
+__all__ = ["BATCHES", "DATA", "FILES", "STOPPING", "TERMINAL", "BatchJobs"]
 
+BATCHES = "batches"
 TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
+STOPPING = frozenset({"cancelling", "expiring"})
+"""Stopped but not ended: items not yet begun are not run, those begun are waited for (or swept)."""
 WINDOW_S = 24 * 3600
 SWEEP_CONCURRENCY = 64
+BIG_BATCH = 10_000
+"""Items from which what a batch frees (its parsed input, its records) is handed back to the OS."""
+
+
+def _started(bid: str) -> str:
+    return f"batch-started.{bid}"
 
 
 def _results(bid: str) -> str:
@@ -67,67 +95,17 @@ def _skipped(bid: str) -> str:
     return f"batch-skipped.{bid}"
 
 
-class BatchJobs:
+PER_ITEM = (_started, _results, _failed, _skipped)
+"""A batch's per-item namespaces, dropped once it has ended; the marks first, so that from then on no
+result is written (``record`` writes one only while its item's mark is there)."""
+
+
+class BatchJobs(BatchFiles):
     def __init__(self, store: StateStore, queue: WorkQueue, *, max_file_bytes: int = 200 * 1024 * 1024,
                  cancel_grace_s: float = 30.0) -> None:
-        self.store = store
+        super().__init__(store, max_file_bytes=max_file_bytes)
         self.queue = queue
-        self.max_file_bytes = max_file_bytes
         self.cancel_grace_s = cancel_grace_s
-
-    # -- files -------------------------------------------------------------------------
-
-    async def create_file(self, filename: str, purpose: str, content: bytes, *, file_id: str | None = None
-                          ) -> dict[str, Any]:
-        if len(content) > self.max_file_bytes:
-            raise PayloadTooLarge(f"the file has {len(content)} bytes; the limit is {self.max_file_bytes} "
-                                  "(store.max_file_bytes)", param="file")
-        fid = file_id or f"file-{uuid.uuid4().hex}"
-        meta: dict[str, Any] = {"id": fid, "object": "file", "bytes": len(content),
-                "created_at": int(time.time()), "filename": filename, "purpose": purpose, "status": "processed"}
-        try:
-            text = content.decode("utf-8") if len(content) < OFF_LOOP else await asyncio.to_thread(content.decode)
-            data: dict[str, Any] = {"text": text}
-        except UnicodeDecodeError as exc:  # kept as sent (as OpenAI does); a batch made from it is refused
-            data = {"b64": base64.b64encode(content).decode(), "not_utf8": f"{exc.reason} at byte {exc.start}"}
-        await self.store.put(DATA, fid, data)
-        await self.store.put(FILES, fid, meta)
-        return meta
-
-    async def get_file(self, file_id: str) -> dict[str, Any]:
-        meta = await self.store.get(FILES, file_id)
-        if meta is None:
-            raise NotFound(f"no file with id {clip(file_id)}", param="file_id", code="file_not_found")
-        return meta
-
-    async def file_text(self, file_id: str) -> str:
-        """The file as text; a file that is not UTF-8 cannot be batch lines (400 naming why)."""
-        await self.get_file(file_id)
-        data = await self.store.get(DATA, file_id) or {}
-        if "not_utf8" in data:
-            raise InvalidRequest(f"file {clip(file_id)} is not UTF-8 text ({data['not_utf8']}), so not batch lines",
-                                 param="input_file_id")
-        return str(data.get("text", ""))
-
-    async def file_bytes(self, file_id: str) -> bytes:
-        """The file's content exactly as uploaded."""
-        await self.get_file(file_id)
-        data = await self.store.get(DATA, file_id) or {}
-        if "b64" in data:
-            return base64.b64decode(data["b64"])
-        return str(data.get("text", "")).encode()
-
-    async def delete_file(self, file_id: str) -> dict[str, Any]:
-        await self.get_file(file_id)
-        await self.store.delete(FILES, file_id)
-        await self.store.delete(DATA, file_id)
-        return {"id": file_id, "object": "file", "deleted": True}
-
-    async def list_files(self, purpose: str | None = None) -> list[dict[str, Any]]:
-        files = [f for f in (await self.store.items(FILES)).values() if purpose in (None, f.get("purpose"))]
-        return sorted(files, key=lambda f: (-int(f["created_at"]), str(f["id"])))
-
-    # -- batches -----------------------------------------------------------------------
 
     async def items_of(self, batch: dict[str, Any]) -> list[BatchItem]:
         """The batch's items, parsed from its input file (checked when the batch was created)."""
@@ -149,9 +127,13 @@ class BatchJobs:
             raise InvalidRequest(f"file {clip(input_file_id)} has purpose {meta.get('purpose')!r}, not 'batch'",
                                  param="input_file_id")
         text = await self.file_text(input_file_id)
-        # A big file is parsed and checked in a thread: the event loop keeps serving (200 MiB took seconds).
-        items = (parse_batch(text, f"file {input_file_id}", models, check) if len(text) < OFF_LOOP else
-                 await asyncio.to_thread(parse_batch, text, f"file {input_file_id}", models, check))
+        # A big file is checked in a thread: the event loop keeps serving (200 MiB took seconds). Only the
+        # ids are kept (``batch_ids``): the workers parse the items they run.
+        custom_ids = (batch_ids(text, f"file {input_file_id}", models, check) if len(text) < OFF_LOOP else
+                      await asyncio.to_thread(batch_ids, text, f"file {input_file_id}", models, check))
+        del text
+        if len(custom_ids) >= BIG_BATCH:
+            await trim_soon()
         clock = time.time()
         now = int(clock)
         batch: dict[str, Any] = {
@@ -161,11 +143,11 @@ class BatchJobs:
             "expires_at": math.ceil(clock + (WINDOW_S if expiry_s is None else expiry_s)),
             "finalizing_at": None, "completed_at": None, "failed_at": None,
             "expired_at": None, "cancelling_at": None, "cancelled_at": None,
-            "request_counts": {"total": len(items), "completed": 0, "failed": 0},
+            "request_counts": {"total": len(custom_ids), "completed": 0, "failed": 0},
             "metadata": metadata or None, "enqueued": False,
         }
         await self.store.put(BATCHES, batch["id"], batch)
-        await self.queue.push(batch["id"], [i.custom_id for i in items])
+        await self.queue.push(batch["id"], custom_ids)
         batch["enqueued"] = True
         await self.store.put(BATCHES, batch["id"], batch)
         return await self.get_batch(batch["id"])
@@ -182,30 +164,27 @@ class BatchJobs:
         return batch["status"] == "in_progress" and time.time() > float(batch["expires_at"])
 
     def _overdue_cancel(self, batch: dict[str, Any]) -> bool:
-        """Cancelling for longer than the grace: no worker skipped its items (see the module docstring)."""
+        """Cancelling for longer than the grace: a worker that began items did not finish them."""
         return (batch["status"] == "cancelling"
                 and time.time() > float(batch["cancelling_at"] or 0) + self.cancel_grace_s)
 
     async def end_overdue(self, batch_id: str) -> bool:
-        """End an expiring batch (or an overdue cancel) now: skip every item without a result, then
-        finalize it ``expired`` (``cancelled``).
+        """End an expiring batch (or an overdue cancel) now: record every item begun but without a result
+        as skipped (items never begun need nothing), then finalize it ``expired`` (``cancelled``).
 
-        Safe to run from any number of readers and workers at once: skips are
-        first-wins records, and finalizing is deterministic.
+        Safe to run from any number of readers and workers at once: skips are first-wins records, and
+        finalizing is deterministic. Needs neither the input file nor a read of every item.
         """
         batch = await self._batch(batch_id)
         if not (self._expiring(batch) or self._overdue_cancel(batch)):
             return False
         done = await self.store.items(_results(batch_id))
-        try:
-            items = await self.items_of(batch)
-        except NotFound:  # its input file was deleted: it stays expiring, as it would stay in progress
-            return False
-        todo = [i for i in items if i.custom_id not in done]
+        begun = await self.store.items(_started(batch_id))
+        todo = [BatchItem(cid, {}, int(mark.get("line", 0))) for cid, mark in begun.items() if cid not in done]
         for start in range(0, len(todo), SWEEP_CONCURRENCY):
-            await asyncio.gather(*(self.record(batch_id, item, 0, {}, "", skipped=True)
+            await asyncio.gather(*(self.record(batch_id, item, 0, {}, "", skipped=True, begun=True)
                                    for item in todo[start:start + SWEEP_CONCURRENCY]))
-        return await self.maybe_finalize(batch_id)
+        return await self._finish(batch_id, await self.store.items(_results(batch_id)))
 
     async def get_batch(self, batch_id: str) -> dict[str, Any]:
         """The batch as OpenAI shows it, with live request counts; an expiring batch (or an overdue
@@ -215,7 +194,7 @@ class BatchJobs:
             await self.end_overdue(batch_id)
             batch = await self._batch(batch_id)
         if batch["status"] not in TERMINAL:
-            if self._expiring(batch):  # its input file is gone, so there was nothing to sweep
+            if self._expiring(batch):  # another reader is ending it right now
                 batch["status"] = "expiring"
             done = await self.store.count(_results(batch_id))
             failed = await self.store.count(_failed(batch_id))
@@ -234,6 +213,7 @@ class BatchJobs:
         return [await self.get_batch(b["id"]) for b in page], len(ids) > limit
 
     async def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        """One record written: the status. The batch ends ``cancelled`` here when no item is running."""
         await self.end_overdue(batch_id)  # past its window it ends expired, and cannot be cancelled
         batch = await self._batch(batch_id)
         if batch["status"] in TERMINAL:
@@ -253,44 +233,105 @@ class BatchJobs:
             return None
         return "expiring" if self._expiring(batch) else str(batch["status"])
 
+    async def begin(self, batch_id: str, item: BatchItem) -> str | None:
+        """Mark ``item`` begun, then read its batch's status, in this order (see the module docstring).
+        A status in ``STOPPING`` means: do not run it, record it skipped; in ``TERMINAL`` (or None): nothing."""
+        await self.store.put_if_absent(_started(batch_id), item.custom_id, {"line": item.line})
+        status = await self.status(batch_id)
+        if status in TERMINAL:  # ended meanwhile: the mark must not outlive the batch's other records
+            await self._drop(batch_id)
+        return status
+
     async def record(self, batch_id: str, item: BatchItem, status: int, body: dict[str, Any], request_id: str,
-                     *, skipped: bool = False) -> bool:
-        """Store an item's result unless it already has one; True when this call's result counts."""
-        doc = {"line": item.line, "status": status, "request_id": request_id, "body": body, "skipped": skipped}
-        if not await self.store.put_if_absent(_results(batch_id), item.custom_id, doc):
+                     *, skipped: bool = False, begun: bool = False) -> bool:
+        """Store an item's result unless it already has one; True when this call's result counts (it will be
+        in the batch's files).
+
+        ``begun``: the caller ``begin``-ed the item and then saw its batch still running (workers do). Otherwise
+        it is begun here: a result for a batch that has ended counts nothing, and one for an item of a stopping
+        batch that nobody had begun is recorded skipped (it should not have run) and counts nothing.
+        """
+        counts = not skipped
+        if not begun:
+            state = await self.status(batch_id)
+            if state is None or state in TERMINAL:
+                return False
+            fresh = await self.store.put_if_absent(_started(batch_id), item.custom_id, {"line": item.line})
+            if fresh and (state in STOPPING or (await self.status(batch_id)) in STOPPING | TERMINAL):
+                skipped, counts = True, False
+        doc = {"line": item.line, "status": 0 if skipped else status, "request_id": request_id,
+               "body": {} if skipped else body, "skipped": skipped}
+        mark = (_started(batch_id), item.custom_id)  # gone once the batch has ended: nothing is written then
+        if not await self.store.put_if_absent(_results(batch_id), item.custom_id, doc, given=mark):
             return False
         if skipped:
-            await self.store.put(_skipped(batch_id), item.custom_id, {})
+            await self.store.put_if_absent(_skipped(batch_id), item.custom_id, {}, given=mark)
         elif not 200 <= status < 300:
-            await self.store.put(_failed(batch_id), item.custom_id, {})
-        return True
+            await self.store.put_if_absent(_failed(batch_id), item.custom_id, {}, given=mark)
+        return counts
+
+    async def skip(self, batch_id: str, custom_ids: Collection[str]) -> None:
+        """Queue entries of a stopping batch that a worker took: an item never begun needs nothing (no record);
+        one begun by a worker that stopped (its entry re-claimed) is recorded skipped. Then the batch ends if
+        it can. Reads no input file, and per entry only while some begun item lacks its result."""
+        if await self.store.count(_results(batch_id)) < await self.store.count(_started(batch_id)):
+            for custom_id in custom_ids:
+                mark = await self.store.get(_started(batch_id), custom_id)
+                if mark is not None:
+                    await self.record(batch_id, BatchItem(custom_id, {}, int(mark.get("line", 0))), 0, {}, "",
+                                      skipped=True, begun=True)
+        await self.maybe_finalize(batch_id)
 
     async def has_result(self, batch_id: str, custom_id: str) -> bool:
         return await self.store.get(_results(batch_id), custom_id) is not None
 
     async def maybe_finalize(self, batch_id: str) -> bool:
-        """Write the output and error files and end the batch once every item has a record."""
+        """End the batch (its output and error files, its status) once every item has a result, or, when it
+        is stopping (cancelling or expiring), once every item begun has one: calls in flight finish and
+        count (a reader past the window, ``get_batch``, does not wait: ``end_overdue``). An overdue cancel
+        is swept."""
+        batch = await self._batch(batch_id)
+        if batch["status"] in TERMINAL:
+            return False
+        if self._overdue_cancel(batch):
+            return await self.end_overdue(batch_id)
+        total = int(batch["request_counts"]["total"])
+        stopping = batch["status"] == "cancelling" or self._expiring(batch)
+        # Cheap checks before reading every result; the results are counted before the marks (module docstring).
+        done = await self.store.count(_results(batch_id))
+        if done < total and not (stopping and done >= await self.store.count(_started(batch_id))):
+            return False
+        results = await self.store.items(_results(batch_id))
+        if len(results) < done:  # dropped meanwhile: another finalizer has ended it
+            return False
+        return await self._finish(batch_id, results)
+
+    async def _finish(self, batch_id: str, results: dict[str, Any], failure: dict[str, Any] | None = None) -> bool:
+        """End the batch with ``results`` (read once it could end): its files, its status, then its per-item
+        records dropped. The batch is read again after ``results``: if no other finalizer had ended it by
+        then, none had dropped its records before they were read, so ``results`` is whole."""
         batch = await self._batch(batch_id)
         if batch["status"] in TERMINAL:
             return False
         total = int(batch["request_counts"]["total"])
-        if await self.store.count(_results(batch_id)) < total:  # cheap check before reading every result
-            return False
-        results = await self.store.items(_results(batch_id))
-        cancelling = batch["status"] == "cancelling"  # workers skip its remaining items as they come
-        if len(results) < total:
-            return False
-        # Items are skipped only for a cancel or for expiry, so skips without a cancel mean it expired.
-        expired = not cancelling and any(r.get("skipped") for r in results.values())
         now = await self._write_results(batch_id, batch, results)
-        if cancelling:
+        if failure is not None:
+            batch["status"], batch["failed_at"], batch["errors"] = "failed", now, failure
+        elif batch["status"] == "cancelling":
             batch["status"], batch["cancelled_at"] = "cancelled", now
-        elif expired:
+        elif len(results) < total or any(r.get("skipped") for r in results.values()):  # skipped: expired
             batch["status"], batch["expired_at"] = "expired", now
         else:
             batch["status"], batch["completed_at"] = "completed", now
         await self.store.put(BATCHES, batch_id, batch)
+        await self._drop(batch_id)
+        if total >= BIG_BATCH:
+            await trim_soon()
         return True
+
+    async def _drop(self, batch_id: str) -> None:
+        for namespace in PER_ITEM:
+            await self.store.drop(namespace(batch_id))
 
     async def _write_results(self, batch_id: str, batch: dict[str, Any], results: dict[str, Any]) -> int:
         """The output and error files of the recorded results (in input order) and the counts, on ``batch``;
@@ -320,18 +361,14 @@ class BatchJobs:
     async def fail_batch(self, batch_id: str, code: str, message: str) -> bool:
         """End a batch that cannot run (its input file was deleted or is unreadable) as ``failed``, with the
         reason in ``errors`` (OpenAI's shape) and the results it already has in its output and error files,
-        so nothing done is lost. Idempotent: a batch already ended is left as it is. True when this call
-        ended it."""
+        so nothing done is lost. A batch already ended, or stopping (it ends cancelled or expired without its
+        input), is left as it is. True when this call ended it."""
         batch = await self.store.get(BATCHES, batch_id)
-        if batch is None or batch["status"] in TERMINAL:
+        if batch is None or batch["status"] != "in_progress" or self._expiring(batch):
             return False
         results = await self.store.items(_results(batch_id))
-        now = await self._write_results(batch_id, batch, results)
-        batch["status"], batch["failed_at"] = "failed", now
-        batch["errors"] = {"object": "list", "data": [{"code": code, "message": message, "param": None,
-                                                       "line": None}]}
-        await self.store.put(BATCHES, batch_id, batch)
-        return True
+        errors = {"object": "list", "data": [{"code": code, "message": message, "param": None, "line": None}]}
+        return await self._finish(batch_id, results, failure=errors)
 
     async def _result_file(self, file_id: str, lines: list[dict[str, Any]]) -> dict[str, Any]:
         content = b"".join(orjson.dumps(x) + b"\n" for x in lines)

@@ -17,6 +17,11 @@
   batches' statuses every ``watch_s`` and an item of a stopped batch sends no
   further call (``WaveRunner.run(wanted=...)``); it is recorded as skipped,
   unless it already has its answer. Calls in flight finish, as OpenAI's do.
+- Entries of a batch that has stopped or ended are acknowledged as a chunk is
+  taken, without reading the batch's input and without a record per item
+  (``BatchJobs.skip``): working off a cancelled 330k-item batch is a few hundred
+  acknowledgements, not 330k records. An item is run only after ``BatchJobs.begin``
+  marked it and saw its batch still running.
 - When the queue is empty, the resident on-demand model is put down.
 - Stopping (SIGTERM) lets the chunk in flight finish for up to ``drain_s``, then
   releases what is left so another worker takes it at once.
@@ -41,12 +46,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from coe.batch.jobs import BatchJobs
+from coe.batch.jobs import BIG_BATCH, STOPPING, TERMINAL, BatchJobs
 from coe.batch.lines import BatchItem
 from coe.batch.queue import Entry
 from coe.batch.run import Execute
 from coe.batch.stages import Job, WaveRunner
 from coe.errors import CoeError, StoreError
+from coe.heap import trim_soon
 from coe.pipeline.state import ChatCaller
 
 log = logging.getLogger("coe.batch")
@@ -56,7 +62,7 @@ RETRY_DELAYS_S = (1.0, 3.0)
 MAX_CACHED_ITEMS = 100_000
 """Parsed items the worker keeps between chunks (at most 64 batches too): enough for a window, bounded
 so that big batches do not pin memory after they end."""
-STOPPED = frozenset({"cancelling", "cancelled", "expiring", "expired"})
+STOPPED = STOPPING | {"cancelled", "expired"}
 """Batch statuses whose unrun items are skipped."""
 
 
@@ -158,6 +164,9 @@ class BatchWorker:
 
     async def _chunk(self, entries: list[Entry], stop: asyncio.Event) -> None:
         """One window of entries in waves; on stop, up to ``drain_s`` to finish, then the rest released."""
+        entries = await self._settle(entries)
+        if not entries:
+            return
         held = dict.fromkeys(entries)  # insertion-ordered set of the entries not yet acknowledged
         for batch_id in dict.fromkeys(e.batch_id for e in entries):  # each batch's input read once, up front
             await self._item(next(e for e in entries if e.batch_id == batch_id))
@@ -193,6 +202,24 @@ class BatchWorker:
                 with contextlib.suppress(Exception):
                     await self.jobs.queue.release(list(held))
             # else: an item whose job failed in the worker itself stays unacknowledged, re-claimed later
+
+    async def _settle(self, entries: list[Entry]) -> list[Entry]:
+        """The entries to run. Those of batches gone, ended or stopping are acknowledged here, in one call per
+        batch, without reading the batch's input (a stopping batch's items begun elsewhere are recorded
+        skipped first: ``BatchJobs.skip``), and the batch's cached items are let go."""
+        run: list[Entry] = []
+        for batch_id in dict.fromkeys(e.batch_id for e in entries):
+            mine = [e for e in entries if e.batch_id == batch_id]
+            status = await self.jobs.status(batch_id)
+            if status is not None and status not in STOPPED:
+                run += mine
+                continue
+            if len(self._items.pop(batch_id, None) or ()) >= BIG_BATCH:
+                await trim_soon()
+            if status in STOPPING:
+                await self.jobs.skip(batch_id, [e.custom_id for e in mine])
+            await self.jobs.queue.ack(mine)
+        return run
 
     async def _heartbeat(self, held: dict[Entry, None]) -> None:
         """Refresh the claim on the entries still held, so a long wave is not taken for a dead worker."""
@@ -267,13 +294,25 @@ class BatchWorker:
     async def _run_entry(self, entry: Entry, caller: ChatCaller) -> None:
         jobs = self.jobs
         status = await jobs.status(entry.batch_id)
-        item = await self._item(entry) if status is not None else None
-        if status is None or item is None:
-            await jobs.queue.ack([entry])  # the batch (or its input) is gone: nothing to do
+        if status is None or status in TERMINAL:
+            await jobs.queue.ack([entry])  # the batch is gone or has ended: nothing to do
+            return
+        if status in STOPPING:  # not begun here: nothing to run, and no record unless begun elsewhere
+            await jobs.skip(entry.batch_id, [entry.custom_id])
+            await jobs.queue.ack([entry])
+            return
+        item = await self._item(entry)
+        if item is None:  # its input is gone: the batch was ended failed (or ends cancelled or expired)
+            await jobs.queue.ack([entry])
+            await jobs.maybe_finalize(entry.batch_id)
             return
         request_id = f"batch-{uuid.uuid4().hex[:16]}"
-        if status in STOPPED:
-            await jobs.record(entry.batch_id, item, 0, {}, request_id, skipped=True)
+        status = await jobs.begin(entry.batch_id, item)  # marked, then the status: see coe.batch.jobs
+        if status is None or status in TERMINAL:
+            await jobs.queue.ack([entry])
+            return
+        if status in STOPPING:
+            await jobs.record(entry.batch_id, item, 0, {}, request_id, skipped=True, begun=True)
         elif not await jobs.has_result(entry.batch_id, item.custom_id):
             code, body = await self.execute(item, request_id, caller)
             for delay in RETRY_DELAYS_S:
@@ -284,7 +323,7 @@ class BatchWorker:
             # an item that failed once its batch stopped was (most likely) refused its calls: skipped
             skipped = not 200 <= code < 300 and await self._stopped(entry.batch_id)
             await jobs.record(entry.batch_id, item, 0 if skipped else code, {} if skipped else body, request_id,
-                              skipped=skipped)
+                              skipped=skipped, begun=True)
             self.processed += 0 if skipped else 1
         await jobs.queue.ack([entry])
         if await jobs.maybe_finalize(entry.batch_id):

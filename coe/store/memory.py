@@ -4,7 +4,8 @@ It still round-trips every document through the same JSON envelope as Redis,
 so a caller that works here (no shared mutable state, JSON-only values) works
 against Redis too. The read-or-write of each method runs without awaiting (a big
 record is encoded or decoded in a thread before or after it), so on one event
-loop every operation, ``put_if_absent`` included, is atomic.
+loop every operation, ``put_if_absent`` included, is atomic. Records are kept as exact-size
+copies (``encode(keep=True)``): what orjson hands back is over-allocated.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ class MemoryStore(StateStore):
         return None if raw is None else await decode_async(namespace, key, raw)
 
     async def put(self, namespace: str, key: str, doc: dict[str, Any]) -> None:
-        raw = await encode_async(check_namespace(namespace), check_key(key), doc)
+        raw = await encode_async(check_namespace(namespace), check_key(key), doc, keep=True)
         self._data.setdefault(namespace, {})[key] = raw
 
-    async def put_if_absent(self, namespace: str, key: str, doc: dict[str, Any]) -> bool:
-        raw = encode(check_namespace(namespace), check_key(key), doc)
+    async def put_if_absent(self, namespace: str, key: str, doc: dict[str, Any], *,
+                            given: tuple[str, str] | None = None) -> bool:
+        raw = encode(check_namespace(namespace), check_key(key), doc, keep=True)
+        if given is not None and check_key(given[1]) not in self._data.get(check_namespace(given[0]), {}):
+            return False
         bucket = self._data.setdefault(namespace, {})
         if key in bucket:
             return False
@@ -46,6 +50,9 @@ class MemoryStore(StateStore):
         if not bucket:
             del self._data[namespace]
         return True
+
+    async def drop(self, namespace: str) -> bool:
+        return bool(self._data.pop(check_namespace(namespace), None))
 
     async def items(self, namespace: str) -> dict[str, dict[str, Any]]:
         bucket = self._data.get(check_namespace(namespace), {})

@@ -2,7 +2,8 @@
 
 Layout: one hash per namespace at ``{prefix}:{namespace}``, one field per key,
 each value a JSON envelope (see ``coe.store.base``). ``put_if_absent`` is
-``HSETNX``, atomic on the server. Every redis-py error becomes a ``StoreError``
+``HSETNX`` (with ``given``, a Lua script), atomic on the server; ``drop`` is
+``UNLINK`` of the namespace's hash. Every redis-py error becomes a ``StoreError``
 whose message names the operation and the server, never its password.
 """
 
@@ -20,6 +21,10 @@ from redis.exceptions import RedisError
 
 from coe.errors import StoreError
 from coe.store.base import StateStore, check_key, check_namespace, decode, decode_async, encode, encode_async
+
+_SET_GIVEN = ("if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then "
+              "return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[3]) end return 0")
+"""``put_if_absent(given=...)``: KEYS = the hash written, the hash checked; ARGV = field, checked field, value."""
 
 
 def redact(url: str) -> str:
@@ -89,17 +94,29 @@ class RedisStore(StateStore):
         async with self._errors(f"put {namespace}/{key}"):
             await self._client.hset(self._key(namespace), key, raw)
 
-    async def put_if_absent(self, namespace: str, key: str, doc: dict[str, Any]) -> bool:
-        """``HSETNX``. If the connection drops after the server applied it, the retry
-        sees the key taken and reports False: rare, and safe for create-once callers."""
+    async def put_if_absent(self, namespace: str, key: str, doc: dict[str, Any], *,
+                            given: tuple[str, str] | None = None) -> bool:
+        """``HSETNX`` (with ``given``: a Lua script, ``HEXISTS`` then ``HSETNX``, atomic on the server).
+        If the connection drops after the server applied it, the retry sees the key taken and reports
+        False: rare, and safe for create-once callers."""
         raw = encode(namespace, check_key(key), doc)
         async with self._errors(f"put_if_absent {namespace}/{key}"):
-            written: int = await self._client.hsetnx(self._key(namespace), key, raw)
+            if given is None:
+                written: int = await self._client.hsetnx(self._key(namespace), key, raw)
+            else:
+                written = await self._client.eval(_SET_GIVEN, 2, self._key(namespace), self._key(given[0]), key,
+                                                  check_key(given[1]), raw)
         return bool(written)
 
     async def delete(self, namespace: str, key: str) -> bool:
         async with self._errors(f"delete {namespace}/{key}"):
             removed: int = await self._client.hdel(self._key(namespace), check_key(key))
+        return bool(removed)
+
+    async def drop(self, namespace: str) -> bool:
+        """``UNLINK``: the server frees a big hash in the background instead of blocking on it."""
+        async with self._errors(f"drop {namespace}"):
+            removed: int = await self._client.unlink(self._key(namespace))
         return bool(removed)
 
     async def items(self, namespace: str) -> dict[str, dict[str, Any]]:
