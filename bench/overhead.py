@@ -29,6 +29,10 @@ What it does
   and stub processes per request (from /proc), the load generator's CPU, and the
   machine's busy cores from /proc/stat split into ours and other processes'.
 
+- ``--tracing`` switches coe's OpenTelemetry tracing on (every request traced, spans exported over
+  OTLP/HTTP to a sink process that discards them); ``bench/overhead_ab.py --candidate-args --tracing``
+  sets it against tracing off side by side.
+
 - ``--profile FILE`` runs coe under ``py-spy record --gil`` (pip install py-spy) and
   prints where coe's CPU goes, by bucket (PROFILE_BUCKETS) and by frame.
 
@@ -73,6 +77,21 @@ from coe.testing.stub_upstream import create_stub_app
 uvicorn.run(create_stub_app(), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning",
             access_log=False)
 """
+
+SINK_CODE = """
+import sys, uvicorn
+from starlette.applications import Starlette
+from starlette.responses import Response
+from starlette.routing import Route
+async def traces(request):
+    await request.body()
+    return Response(b"", media_type="application/x-protobuf")
+async def health(request):
+    return Response(b"ok")
+app = Starlette(routes=[Route("/v1/traces", traces, methods=["POST"]), Route("/health", health)])
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
+"""
+"""``--tracing``: an OTLP/HTTP collector that accepts every export and keeps nothing (its own process)."""
 
 
 # ---------------------------------------------------------------- statistics
@@ -481,13 +500,20 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             upstream_url = args.upstream.rstrip("/")
             label, model, upstream_info = await detect_upstream(upstream_url, args.model_name)
 
+        telemetry = ""
+        if args.tracing:
+            sink_port = free_port()
+            sink = Proc("otlp-sink", [sys.executable, "-c", SINK_CODE, str(sink_port)], tmp)
+            procs.append(sink)
+            await wait_http(f"http://127.0.0.1:{sink_port}/health", sink, 60)
+            telemetry = f"telemetry: {{enabled: true, endpoint: 'http://127.0.0.1:{sink_port}'}}\n"
         registry = tmp / "experts.yaml"
         registry.write_text(
             "backends:\n"
             f"  up: {{url: {json.dumps(upstream_url)}}}\n"
             "experts:\n"
             f"  - {{name: e1, backend: up, model: {json.dumps(model)}}}\n"
-            "auth: {client_auth: false, admin_auth: false}\n")
+            "auth: {client_auth: false, admin_auth: false}\n" + telemetry)
         coe_port = free_port()
         coe_bin = Path(sys.executable).parent / "coe"
         coe_src = Path(args.coe_src) if args.coe_src else ROOT  # made absolute in parse_args
@@ -627,6 +653,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                           "tree), 'other' = the rest of the machine (a URL upstream without --upstream-pid too)",
             "coe_command": shlex.join(coe_cmd),
             "coe_model": args.coe_model,
+            "tracing": "on: OTLP/HTTP to a discarding sink process" if args.tracing else "off (no telemetry section)",
         },
         "targets": {"median_added_ms": TARGET_MEDIAN_MS, "p99_added_ms": TARGET_P99_MS,
                     "applies_to": "stub upstream", "all_met": all_met},
@@ -695,6 +722,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bootstrap", type=int, default=300, help="bootstrap rounds for the CIs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--coe-log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--tracing", action="store_true",
+                   help="coe traces every request (telemetry on), exporting over OTLP/HTTP to a sink process "
+                   "that discards the spans; its CPU counts as ours")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="run coe under 'py-spy record --gil --format raw' writing collapsed stacks to FILE")
     p.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")

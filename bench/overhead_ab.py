@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""coe's own latency overhead, two versions side by side: a baseline commit against the working tree.
+"""coe's own latency overhead, two arms side by side: a baseline commit against the working tree, or two
+settings of the working tree.
 
     .venv/bin/python bench/overhead_ab.py --baseline c971334              # 3 rounds, default cells
     .venv/bin/python bench/overhead_ab.py --baseline HEAD~3 --rounds 5 -- --requests-c1 300 --requests-cn 1000
+    .venv/bin/python bench/overhead_ab.py --candidate-args=--tracing -- --requests-c1 300   # tracing on vs off
 
 What it does
-- Checks the baseline out as a detached ``git worktree`` in a temporary folder (removed at the end).
+- Checks the baseline out as a detached ``git worktree`` in a temporary folder (removed at the end);
+  without ``--baseline`` both arms run the working tree, told apart by ``--baseline-args`` and
+  ``--candidate-args`` (e.g. ``--tracing``: tracing on against off).
 - Runs ``bench/overhead.py`` (stub upstream: coe's own cost) once per version per round, alternating
   which goes first (AB, BA, AB, ...), so that machine noise falls on both alike. The baseline's
   ``coe serve`` runs from the worktree (``--coe-src``); the candidate's from this checkout. Arguments
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -56,19 +61,25 @@ def cells(result: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--baseline", required=True, help="the git commit (or ref) to compare against")
+    p.add_argument("--baseline", default=None,
+                   help="the git commit (or ref) to compare against (default: the working tree, with --baseline-args)")
+    p.add_argument("--baseline-args", default="", help="overhead.py arguments for the baseline's runs only")
+    p.add_argument("--candidate-args", default="", help="overhead.py arguments for the candidate's runs only")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=None, help="results file (default bench/results/overhead-ab-<UTC>.json)")
     p.add_argument("extra", nargs="*", help="after --: arguments for every bench/overhead.py run")
     args = p.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", args.baseline], cwd=ROOT, capture_output=True, text=True,
-                            check=True).stdout.strip()
+                            check=True).stdout.strip() if args.baseline else None
+    extra = {"baseline": [*args.extra, *shlex.split(args.baseline_args)],
+             "candidate": [*args.extra, *shlex.split(args.candidate_args)]}
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="coe-ab-") as tmp:
-        worktree = Path(tmp) / "baseline"
-        subprocess.run(["git", "worktree", "add", "--detach", str(worktree), commit], cwd=ROOT, check=True,
-                       capture_output=True)
+        worktree = Path(tmp) / "baseline" if commit else None
+        if worktree is not None:
+            subprocess.run(["git", "worktree", "add", "--detach", str(worktree), str(commit)], cwd=ROOT, check=True,
+                           capture_output=True)
         try:
             for r in range(args.rounds):
                 order = [("baseline", worktree), ("candidate", None)]
@@ -76,10 +87,11 @@ def main(argv: list[str] | None = None) -> int:
                     order.reverse()
                 for label, src in order:
                     result = run_overhead(f"round {r + 1} {label}", src, Path(tmp) / f"{label}-{r}.json",
-                                          args.extra)
+                                          extra[label])
                     runs.append({"round": r + 1, "version": label, "cells": cells(result)})
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, capture_output=True)
+            if worktree is not None:
+                subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, capture_output=True)
     summary: dict[str, Any] = {}
     for name in runs[0]["cells"]:
         row: dict[str, Any] = {}
@@ -92,11 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         summary[name] = row
     out = Path(args.out) if args.out else RESULTS / f"overhead-ab-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"bench": "overhead-ab", "started_utc": stamp, "baseline": commit,
-                               "candidate": git_state(), "rounds": args.rounds, "overhead_args": args.extra,
+    out.write_text(json.dumps({"bench": "overhead-ab", "started_utc": stamp,
+                               "baseline": commit or "the working tree", "candidate": git_state(),
+                               "rounds": args.rounds, "overhead_args": args.extra,
+                               "baseline_args": args.baseline_args, "candidate_args": args.candidate_args,
                                "command": " ".join([sys.executable, *sys.argv]), "summary": summary,
                                "runs": runs}, indent=2))
-    print(f"\nadded latency (ms), median of {args.rounds} rounds; baseline {commit[:10]} vs the working tree")
+    base = f"{commit[:10]} {args.baseline_args}".strip() if commit else f"working tree {args.baseline_args}".strip()
+    print(f"\nadded latency (ms), median of {args.rounds} rounds; baseline {base} vs the working tree "
+          f"{args.candidate_args}".rstrip())
     print(f"{'cell':<26} {'base p50':>9} {'cand p50':>9} {'ratio':>6} {'base p99':>9} {'cand p99':>9} {'ratio':>6}")
     for name, row in summary.items():
         def ratio(x: float | None) -> str:

@@ -3,7 +3,7 @@
 Unknown keys are rejected everywhere (``extra="forbid"``) so a typo is an error,
 not a silently ignored setting. The top-level keys are fixed: ``backends``,
 ``experts``, ``auth`` (gateway), ``router``, ``pipeline``, ``rag`` (routing and
-composition), ``dispatch``, ``store`` (dispatch and batch). Sections a later
+composition), ``dispatch``, ``store`` (dispatch and batch), ``limits``, ``telemetry``. Sections a later
 feature owns exist now, so files written today stay valid.
 
 This module is a leaf: it imports nothing from the project, so the routers, the
@@ -350,6 +350,39 @@ class StoreConfig(Strict):
         "(24h). For tests: OpenAI accepts only 24h")
 
 
+class TelemetryConfig(Strict):
+    """OpenTelemetry traces (``coe.telemetry``). Off unless ``enabled`` or the standard ``OTEL_*`` variables
+    switch them on; a key left out here falls back to its ``OTEL_*`` variable, then to the default."""
+
+    enabled: bool | None = Field(
+        None, description="true/false decide; null (default): on when OTEL_TRACES_EXPORTER names an exporter "
+        "or an OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set. OTEL_SDK_DISABLED=true always turns tracing off")
+    exporter: Literal["otlp", "console"] | None = Field(
+        None, description="default: OTEL_TRACES_EXPORTER, else otlp")
+    endpoint: str | None = Field(
+        None, description="the collector's OTLP base URL (http/protobuf: /v1/traces is added); default: "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT (used as is), OTEL_EXPORTER_OTLP_ENDPOINT, else localhost:4318 "
+        "(http) or :4317 (grpc)")
+    protocol: Literal["http/protobuf", "grpc"] | None = Field(
+        None, description="default: OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL, else http/protobuf; grpc needs the "
+        "opentelemetry-exporter-otlp-proto-grpc package")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="extra headers to the collector (also: OTEL_EXPORTER_OTLP_HEADERS)")
+    service_name: str | None = Field(None, description="default: OTEL_SERVICE_NAME, else coe")
+    sample_ratio: float | None = Field(
+        None, ge=0, le=1, description="share of new traces kept (parent-based: an incoming traceparent's "
+        "decision is followed); default: OTEL_TRACES_SAMPLER(_ARG), else every trace")
+    capture_content: bool = Field(
+        False, description="record prompts and completions on the spans that call a model")
+    max_content_chars: int = Field(
+        4096, ge=0, description="with capture_content: characters kept per span and direction, the rest cut")
+    trace_backends: bool = Field(
+        True, description="start managed vLLM backends with --otlp-traces-endpoint (their spans join coe's "
+        "traces); a launch whose args already name the flag is left alone")
+    exclude_paths: list[str] = Field(
+        default_factory=lambda: ["/health", "/metrics"], description="HTTP paths (prefixes) given no server span")
+
+
 BackendName = Annotated[str, AfterValidator(_check_name)]
 """A backend's key in ``backends``; checked per key, so each bad name is reported where it is."""
 
@@ -374,6 +407,7 @@ class RegistryConfig(Strict):
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
     def expert(self, name: str) -> ExpertConfig | None:
         for e in self.experts:

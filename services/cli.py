@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +22,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from coe.loader import load_registry
     from coe.logs import configure
+    from coe.telemetry.setup import resolve as resolve_telemetry
     from routers import make_router
     from services.api import create_app
     from services.api.auth import resolve_keys
@@ -29,6 +31,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_registry(args.config)  # fail fast, with the file's own error lines
     make_router(cfg)  # and fit the router's classifier now, if it needs one, with its progress on stderr
     resolve_keys(cfg.auth)
+    resolve_telemetry(cfg.telemetry, os.environ)  # a tracing setting nothing can export to: say so now
     app = create_app(args.config, config=cfg)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=args.drain_timeout, lifespan="on")

@@ -2,7 +2,9 @@
 
 The ``httpx.AsyncClient`` is injected (tests swap its transport for fault
 injection); one client per backend keeps connections pooled. httpx errors are
-mapped here, at the boundary, onto coe's two failure kinds.
+mapped here, at the boundary, onto coe's two failure kinds. Every request made
+under a span carries its ``traceparent`` (``coe.telemetry.inject``), so vLLM
+continues coe's trace; with tracing off no header is added.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import orjson
 from coe.backends.base import ChatStream, ExpertBackend
 from coe.config import Timeouts
 from coe.errors import BackendUnavailable, UpstreamError
+from coe.telemetry import inject
 
 _MAX_LORA = re.compile(r'^vllm:lora_requests_info\{[^}]*\bmax_lora="(\d+)"', re.MULTILINE)
 """vLLM's LoRA gauge in ``/metrics``; it appears once the server has scheduled a request."""
@@ -105,11 +108,10 @@ class VLLMBackend(ExpertBackend):
         return BackendUnavailable(f"expert backend {self.name!r} is unreachable: {type(exc).__name__}")
 
     async def _post(self, path: str, body: dict[str, Any], request_id: str) -> httpx.Response:
+        headers = {"content-type": "application/json", "x-request-id": request_id}
+        inject(headers)
         try:
-            response = await self.client.post(
-                path, content=orjson.dumps(body),
-                headers={"content-type": "application/json", "x-request-id": request_id},
-            )
+            response = await self.client.post(path, content=orjson.dumps(body), headers=headers)
         except (httpx.TransportError, httpx.TimeoutException) as exc:
             raise self._unavailable(exc) from exc
         if response.status_code >= 500:
@@ -124,10 +126,10 @@ class VLLMBackend(ExpertBackend):
         return result
 
     async def open_chat_stream(self, body: dict[str, Any], *, request_id: str) -> ChatStream:
-        request = self.client.build_request(
-            "POST", "/v1/chat/completions", content=orjson.dumps(body),
-            headers={"content-type": "application/json", "x-request-id": request_id, "accept": "text/event-stream"},
-        )
+        headers = {"content-type": "application/json", "x-request-id": request_id, "accept": "text/event-stream"}
+        inject(headers)
+        request = self.client.build_request("POST", "/v1/chat/completions", content=orjson.dumps(body),
+                                            headers=headers)
         try:
             response = await self.client.send(request, stream=True)
         except (httpx.TransportError, httpx.TimeoutException) as exc:
@@ -142,7 +144,9 @@ class VLLMBackend(ExpertBackend):
 
     async def list_models(self) -> list[dict[str, Any]]:
         try:
-            response = await self.client.get("/v1/models")
+            headers: dict[str, str] = {}
+            inject(headers)
+            response = await self.client.get("/v1/models", headers=headers)
         except (httpx.TransportError, httpx.TimeoutException) as exc:
             raise self._unavailable(exc) from exc
         if response.status_code != 200:

@@ -21,6 +21,9 @@ Contract:
   else (a remote vLLM) its ``/metrics``, read when the backend first fills up.
 - Cancelling the awaiting task (client disconnect) closes the upstream
   connection, which makes vLLM abort the request.
+- Each candidate tried is one ``chat {model}`` span (``coe.telemetry.genai``),
+  current while the call runs so that its ``traceparent`` goes upstream; a
+  stream's span ends when the stream is finished or closed.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from coe.dispatch.residency import Residency
 from coe.dispatch.schedule import BackendSchedule
 from coe.errors import BackendUnavailable, UpstreamError, UpstreamTimeout
 from coe.metrics import Metrics
+from coe.telemetry import OFF, Span, Telemetry
+from coe.telemetry import genai as genai_spans
 
 log = logging.getLogger("coe.dispatch")
 
@@ -80,6 +85,7 @@ class OpenedStream:
     _stream: ChatStream
     _release: Callable[[], None]
     _started: float
+    _span: Span
     _closed: bool = False
 
     def finish(self, usage: dict[str, Any] | None, metrics: Metrics) -> ExpertCall:
@@ -88,12 +94,20 @@ class OpenedStream:
         self.call.latency_ms = (time.perf_counter() - self._started) * 1000
         metrics.record_usage(self.expert.name, self.call.usage, self.call.cost)
         metrics.expert_latency.labels(self.expert.name).observe(self.call.latency_ms / 1000)
+        if self._span.is_recording():
+            genai_spans.record_usage(self._span, usage)
+            genai_spans.record_call(self._span, cost=self.call.cost, attempts=self.call.attempts,
+                                    skipped=self.call.skipped)
+            self._span.end()
         return self.call
 
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
             self._release()
+            if self._span.is_recording():  # not finished: the stream broke off or the client went away
+                self._span.set_attribute("coe.completed", False)
+                self._span.end()
             await self._stream.aclose()
 
 
@@ -168,10 +182,12 @@ class Lane:
 
 
 class Dispatcher:
-    def __init__(self, pool: BackendPool, config: DispatchConfig, metrics: Metrics) -> None:
+    def __init__(self, pool: BackendPool, config: DispatchConfig, metrics: Metrics,
+                 telemetry: Telemetry = OFF) -> None:
         self.pool = pool
         self.config = config
         self.metrics = metrics
+        self.telemetry = telemetry
         self._lanes: dict[str, Lane] = {}
 
     def lane(self, backend: BackendRuntime) -> Lane:
@@ -261,11 +277,16 @@ class Dispatcher:
             payload = upstream_body(expert, body, base_adapter=backend.base_adapter)
             total_s = backend.config.timeouts.total_s
             lane = self.lane(backend)
+            span = genai_spans.start_call(self.telemetry, payload, expert=expert.name, backend=backend.name,
+                                          server=backend.base_url, request_id=request_id)
             try:
-                async with asyncio.timeout(total_s), lane.slot(expert):
-                    await lane.residency.ensure(expert)
-                    result = await self._attempts(
-                        expert, backend, call, functools.partial(backend.api.chat, payload, request_id=request_id))
+                with self.telemetry.use(span, end=True):
+                    async with asyncio.timeout(total_s), lane.slot(expert):
+                        await lane.residency.ensure(expert)
+                        result = await self._attempts(
+                            expert, backend, call, functools.partial(backend.api.chat, payload, request_id=request_id))
+                    if span.is_recording():
+                        self._record(span, result, call, expert)
             except TimeoutError as exc:
                 self.metrics.expert_calls.labels(expert.name, "timeout").inc()
                 raise UpstreamTimeout(f"expert {expert.name!r} did not answer within {total_s:g}s "
@@ -289,6 +310,12 @@ class Dispatcher:
         raise BackendUnavailable(f"every candidate expert failed ({', '.join(skipped)}): {last}",
                                  retry_after=last.retry_after if last else 5)
 
+    def _record(self, span: Span, result: dict[str, Any], call: ExpertCall, expert: ExpertConfig) -> None:
+        """A whole answer on its call span (only while it records)."""
+        genai_spans.record_response(span, self.telemetry, result)
+        genai_spans.record_call(span, cost=usage_mod.cost(expert, usage_mod.normalize(result.get("usage"))),
+                                attempts=call.attempts, skipped=call.skipped)
+
     async def open_stream(self, experts: Sequence[ExpertConfig], body: dict[str, Any], *,
                           request_id: str) -> OpenedStream:
         """Open a stream on the first candidate that accepts; retries stop at the first byte."""
@@ -299,24 +326,37 @@ class Dispatcher:
             started = time.perf_counter()
             payload = upstream_body(expert, body, stream=True, base_adapter=backend.base_adapter)
             lane = self.lane(backend)
-            release = await lane.acquire(expert)
+            span = genai_spans.start_call(self.telemetry, payload, expert=expert.name, backend=backend.name,
+                                          server=backend.base_url, request_id=request_id, stream=True)
             try:
-                await lane.residency.ensure(expert)
-                stream = await self._attempts(
-                    expert, backend, call,
-                    functools.partial(backend.api.open_chat_stream, payload, request_id=request_id))
+                with self.telemetry.use(span):
+                    release = await lane.acquire(expert)
+            except BaseException:
+                span.end()
+                raise
+            try:
+                with self.telemetry.use(span):  # an error fails the span on the way out
+                    await lane.residency.ensure(expert)
+                    stream = await self._attempts(
+                        expert, backend, call,
+                        functools.partial(backend.api.open_chat_stream, payload, request_id=request_id))
             except BackendUnavailable as exc:
                 release()
+                span.end()
                 self.metrics.expert_calls.labels(expert.name, "unavailable").inc()
                 last, skipped = exc, [*skipped, expert.name]
                 continue
             except BaseException:
                 release()
+                span.end()
                 self.metrics.expert_calls.labels(expert.name, "error").inc()
                 raise
             self.metrics.expert_calls.labels(expert.name, "ok").inc()
             if skipped:
                 self.metrics.fallbacks.labels(expert.name).inc()
-            return OpenedStream(expert, call, stream.chunks(), stream, release, started)
+            chunks = stream.chunks()
+            if span.is_recording():
+                chunks = genai_spans.observe(chunks, span, self.telemetry, started)
+            return OpenedStream(expert, call, chunks, stream, release, started, span)
         raise BackendUnavailable(f"every candidate expert failed ({', '.join(skipped)}): {last}",
                                  retry_after=last.retry_after if last else 5)

@@ -4,8 +4,8 @@
 and run per request with a ``Context``. The final state holds every step: the
 routing decision, retrieved passages, each expert's answer and call, the
 agreement, the final plan and (unless the final stage streams) the response.
-See ``coe.pipeline.graph`` for the shape and ``coe.pipeline.response`` for what
-the client sees.
+See ``coe.pipeline.graph`` for the shape, ``coe.pipeline.response`` for what
+the client sees and ``coe.pipeline.spans`` for what a trace shows.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from coe.pipeline.state import CallRecord, ChatCaller, Context, Options, State
 from coe.rag.gate import GateDecision
 from coe.rag.live import LiveGate
 from coe.registry import Registry
+from coe.telemetry import OFF, Telemetry
 
 log = logging.getLogger("coe.pipeline")
 
@@ -29,8 +30,9 @@ DEFAULT_CONTEXT_TOKENS = 4096
 
 
 class Pipeline:
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Dispatcher, telemetry: Telemetry = OFF) -> None:
         self.dispatcher = dispatcher
+        self.telemetry = telemetry
         self.graph = build_graph()
         self.gate = LiveGate()
         self._context: dict[tuple[str, str], int] = {}
@@ -53,7 +55,7 @@ class Pipeline:
 
         folder = config.rag.folder / config.rag.index if config.rag.folder is not None else None
         return Context(registry=registry, dispatcher=dispatcher or self.dispatcher, retrieve=retrieve, rag_index=folder,
-                       similar=similar, context_tokens=context_tokens, **kwargs)
+                       similar=similar, context_tokens=context_tokens, telemetry=self.telemetry, **kwargs)
 
     async def max_model_len(self, expert: ExpertConfig) -> int:
         """The expert's context length as its server reports it (cached per backend and model)."""

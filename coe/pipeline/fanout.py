@@ -40,8 +40,9 @@ async def fan_out(ctx: Context, experts: list[ExpertConfig], messages: list[dict
                   round_no: int) -> tuple[list[Answer], list[CallRecord], list[CoeError]]:
     body = {**ctx.params, "messages": messages}
     started = time.perf_counter()
-    tasks = [asyncio.create_task(ctx.dispatcher.chat([e], body, request_id=ctx.request_id), name=f"coe-{e.name}")
-             for e in experts]
+    with ctx.telemetry.labels({"coe.role": "expert", "coe.round": round_no}):  # the tasks copy the labels
+        tasks = [asyncio.create_task(ctx.dispatcher.chat([e], body, request_id=ctx.request_id), name=f"coe-{e.name}")
+                 for e in experts]
     need = quorum_of(len(tasks), ctx.config.quorum)
     deadline = math.inf if ctx.staged else started + ctx.config.expert_deadline_s
     pending = set(tasks)

@@ -27,6 +27,11 @@ def role(state: State) -> str:
     return "aggregator" if state.get("answers") else "final"
 
 
+def labels(state: State) -> dict[str, Any]:
+    """What the final call's span says of it: its role and round."""
+    return {"coe.role": role(state), "coe.round": max(state.get("round", 0), 1)}
+
+
 def request(state: State, final: FinalCall, params: dict[str, Any],
             experts: dict[str, ExpertConfig]) -> tuple[list[ExpertConfig], dict[str, Any]]:
     """The final call's experts (best first, the registered ones) and its body; a ``stop`` of the plan's

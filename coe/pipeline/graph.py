@@ -8,6 +8,9 @@
 Reliability is checked before the aggregator is called, not after: agreement
 among the experts does not need the aggregator's text, escalating after it would
 waste its call, and the aggregator must be the last stage so it can stream.
+
+The deciding steps run under a span each (``coe.pipeline.spans``); ``single`` and ``answer`` do not:
+the one call they lead to is its own span.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 
-from coe.pipeline import nodes
+from coe.pipeline import nodes, spans
 from coe.pipeline.state import Context, State
 
 
@@ -37,14 +40,14 @@ def build_graph() -> Any:
     """The compiled ``StateGraph`` (typed ``Any``: LangGraph's compiled type is generic over four
     parameters that add nothing here)."""
     graph = StateGraph(State, context_schema=Context)
-    graph.add_node("classify", nodes.classify)
-    graph.add_node("recruit", nodes.recruit)
-    graph.add_node("retrieve", nodes.retrieve)
+    graph.add_node("classify", spans.traced("classify", nodes.classify, spans.classify))
+    graph.add_node("recruit", spans.traced("recruit", nodes.recruit, spans.recruit))
+    graph.add_node("retrieve", spans.traced("retrieve", nodes.retrieve, spans.retrieve))
     graph.add_node("single", nodes.single)
-    graph.add_node("fanout", nodes.fanout)
-    graph.add_node("assess", nodes.assess)
-    graph.add_node("escalate", nodes.escalate)
-    graph.add_node("aggregate", nodes.aggregate)
+    graph.add_node("fanout", spans.traced("fanout", nodes.fanout, spans.fanout))
+    graph.add_node("assess", spans.traced("assess", nodes.assess, spans.assess))
+    graph.add_node("escalate", spans.traced("escalate", nodes.escalate, spans.escalate))
+    graph.add_node("aggregate", spans.traced("aggregate", nodes.aggregate, spans.aggregate))
     graph.add_node("answer", nodes.answer)
     graph.add_edge(START, "classify")
     graph.add_edge("classify", "recruit")

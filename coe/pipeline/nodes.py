@@ -214,7 +214,8 @@ async def answer(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
         return {}
     experts, body = final_stage.request(state, plan, ctx.params, ctx.registry.experts)
     try:
-        response, _, call = await ctx.dispatcher.chat(experts, body, request_id=ctx.request_id)
+        with ctx.telemetry.labels(final_stage.labels(state)):
+            response, _, call = await ctx.dispatcher.chat(experts, body, request_id=ctx.request_id)
     except CoeError as exc:
         if final_stage.role(state) == "final":
             raise

@@ -22,7 +22,9 @@ from typing import Any
 
 from coe import usage as usage_mod
 from coe.aggregate import FinalCall
+from coe.pipeline.spans import record_request
 from coe.pipeline.state import CallRecord, State
+from coe.telemetry import current_span
 
 log = logging.getLogger("coe.pipeline")
 
@@ -123,7 +125,10 @@ def text_chunks(state: State, request_id: str, client_usage: bool) -> Iterator[d
 
 
 def log_run(state: State, request_id: str, extra: Sequence[CallRecord] = ()) -> None:
-    """One INFO line per composed request; the whole trace at DEBUG."""
+    """One INFO line per composed request; the whole trace at DEBUG; the outcome on the request's span
+    (called once per composed request, when its answer is complete)."""
+    if current_span().is_recording():
+        record_request("routed", coe_field(state, request_id, extra))
     decision = state.get("decision")
     calls = calls_of(state, extra)
     steps = {s["step"]: s for s in state.get("trace", [])}

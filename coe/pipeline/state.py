@@ -19,6 +19,7 @@ from coe.metrics import Metrics
 from coe.rag.gate import GateDecision
 from coe.rag.store import Passage
 from coe.registry import Registry
+from coe.telemetry import OFF, Telemetry
 from routers.base import RoutingDecision
 
 
@@ -65,6 +66,8 @@ class Context:
     similar: Similar | None = None
     context_tokens: Callable[[ExpertConfig], Awaitable[int]] | None = None
     started: float = field(default_factory=time.perf_counter)
+    telemetry: Telemetry = OFF
+    """Where the steps' spans go (``coe.pipeline.spans``); off: nowhere, at no cost."""
     staged: bool = False
     """A batch run whose calls wait for their wave: the time deadlines (``expert_deadline_s`` per round,
     ``deadline_s`` for escalation) are off, since waiting is not the experts' time; the quorum still

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry.trace import Status, StatusCode
 from pydantic import ValidationError
 
 from coe import usage as usage_mod
@@ -30,8 +31,10 @@ from coe.metrics import Metrics
 from coe.pipeline import ChatCaller, Options, Pipeline, State
 from coe.pipeline import final as final_stage
 from coe.pipeline.response import answered, calls_of, coe_field, completion, log_run
+from coe.pipeline.spans import record_request
 from coe.registry import Registry, RegistryManager
 from coe.runtime.protocol import ChatCompletionRequest
+from coe.telemetry import OFF, Telemetry
 from routers.base import ExpertChoice, RoutingDecision
 
 log = logging.getLogger("coe.chat")
@@ -130,11 +133,12 @@ def options(body: ChatCompletionRequest, registry: Registry | None) -> Options:
 
 class ChatPaths:
     def __init__(self, registry: RegistryManager, dispatcher: Dispatcher, pipeline: Pipeline,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, telemetry: Telemetry = OFF) -> None:
         self.registry = registry
         self.dispatcher = dispatcher
         self.pipeline = pipeline
         self.metrics = metrics
+        self.telemetry = telemetry
 
     # -- a named expert ---------------------------------------------------------------------
 
@@ -160,6 +164,7 @@ class ChatPaths:
                                                                       request_id=request_id)
         result["model"] = expert.name
         result["coe"] = direct_field(decision, [call], request_id)
+        record_request("direct", result["coe"])
         return result
 
     async def open_direct(self, body: ChatCompletionRequest, request_id: str) -> Streamed:
@@ -168,7 +173,9 @@ class ChatPaths:
         opened = await self.dispatcher.open_stream([expert], body.upstream(), request_id=request_id)
 
         def finish(call: ExpertCall) -> tuple[dict[str, Any], dict[str, Any] | None]:
-            return direct_field(decision, [call], request_id), None
+            field = direct_field(decision, [call], request_id)
+            record_request("direct", field)
+            return field, None
 
         return Streamed(opened, finish, opened.expert.name)
 
@@ -201,7 +208,8 @@ class ChatPaths:
             return None
         experts, body = final_stage.request(run, plan, composed.params, composed.registry.experts)
         try:
-            opened = await self.dispatcher.open_stream(experts, body, request_id=request_id)
+            with self.telemetry.labels(final_stage.labels(run)):
+                opened = await self.dispatcher.open_stream(experts, body, request_id=request_id)
         except CoeError as exc:
             if final_stage.role(run) == "final":
                 raise
@@ -229,7 +237,27 @@ class ChatPaths:
 
     async def execute(self, item: BatchItem, request_id: str,
                       staged: ChatCaller | None = None) -> tuple[int, dict[str, Any]]:
-        """A batch item: (status, body); every failure becomes an OpenAI error body."""
+        """A batch item: (status, body); every failure becomes an OpenAI error body. Traced, the item is the
+        root span of its own trace (``batch item``), and its expert calls, which a stager runs in its
+        waves outside the item's context, are made its children by request id. The item span has no
+        link to its batch: the batch id does not reach this method."""
+        with self.telemetry.span("batch item", root=True) as span:
+            if span.is_recording():
+                span.set_attributes({"coe.request_id": request_id, "coe.batch.custom_id": item.custom_id,
+                                     "coe.batch.line": item.line, "coe.staged": staged is not None})
+                self.telemetry.adopt(request_id, span)
+            try:
+                status, body = await self._execute(item, request_id, staged)
+            finally:
+                self.telemetry.release(request_id)
+            if span.is_recording():
+                span.set_attribute("coe.status_code", status)
+                if status >= 500:
+                    span.set_status(Status(StatusCode.ERROR, str(body.get("error", {}).get("message", ""))[:500]))
+            return status, body
+
+    async def _execute(self, item: BatchItem, request_id: str,
+                       staged: ChatCaller | None) -> tuple[int, dict[str, Any]]:
         try:
             body = ChatCompletionRequest.model_validate(item.body)
             return 200, await self.complete(body, request_id, staged=staged)

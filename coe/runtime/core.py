@@ -39,6 +39,8 @@ from coe.registry import Registry, RegistryManager
 from coe.runtime.chat import ChatPaths
 from coe.store import open_store
 from coe.store.base import StateStore
+from coe.telemetry import OFF, Telemetry
+from coe.telemetry.setup import open_telemetry
 from routers import make_router
 from routers.baseline import DefaultRouter
 
@@ -53,7 +55,9 @@ class Runtime:
     ``routing``: build the registry's router (a two-level router loads, or first fits, its classifier),
     off for a process that only calls experts by name (``coe profile``, a batch without ``model: coe``);
     ``log_tag``: a managed vLLM's default log file becomes ``<backend>.<tag>.log``, so that ``coe batch run``
-    or a worker on the machine of a ``coe serve`` does not write into the server's vLLM log."""
+    or a worker on the machine of a ``coe serve`` does not write into the server's vLLM log; ``telemetry``:
+    where spans go (None: as the registry's ``telemetry:`` section and ``OTEL_*`` say; closed with the
+    runtime only then)."""
 
     def __init__(self, config_path: str | Path, *, config: RegistryConfig | None = None,
                  store: StateStore | None = None, transport_factory: TransportFactory | None = None,
@@ -61,7 +65,8 @@ class Runtime:
                  watch: bool = True, routing: bool = True, log_tag: str | None = None,
                  poll_interval_s: float = 1.0,
                  drain_timeout_s: float = 30.0,
-                 on_reload: Callable[[Registry], None] | None = None) -> None:
+                 on_reload: Callable[[Registry], None] | None = None,
+                 telemetry: Telemetry | None = None) -> None:
         self.config_path = Path(config_path).resolve()
         self._config = config
         self._store = store
@@ -75,6 +80,10 @@ class Runtime:
         self.poll_interval_s = poll_interval_s
         self.drain_timeout_s = drain_timeout_s
         self._on_reload = on_reload
+        self._telemetry = telemetry
+        self.telemetry: Telemetry = OFF
+        """Where this process's spans go: ``telemetry`` when given, else built from the registry's
+        ``telemetry:`` section and ``OTEL_*`` at open (read once: a reload does not change it)."""
         self.metrics = Metrics()
         self.in_flight = 0
         self.draining = False
@@ -99,16 +108,17 @@ class Runtime:
 
     async def open(self) -> Runtime:
         initial = self._config or load_registry(self.config_path)
+        self.telemetry = self._telemetry or open_telemetry(initial.telemetry)
         self.store = self._store or open_store(initial.store)
         self.pool = BackendPool(transport_factory=self._transport_factory,
                                 health_interval_s=initial.dispatch.health_interval_s)
-        self.dispatcher = Dispatcher(self.pool, initial.dispatch, self.metrics)
+        self.dispatcher = Dispatcher(self.pool, initial.dispatch, self.metrics, self.telemetry)
         self.registry = RegistryManager(self.config_path, self.store, self.dispatcher, self.metrics,
                                         router_factory=make_router if self._routing else DefaultRouter,
                                         poll_interval_s=self.poll_interval_s,
                                         on_reload=self._on_reload, backends=self._configure)
-        self.pipeline = Pipeline(self.dispatcher)
-        self.chat = ChatPaths(self.registry, self.dispatcher, self.pipeline, self.metrics)
+        self.pipeline = Pipeline(self.dispatcher, self.telemetry)
+        self.chat = ChatPaths(self.registry, self.dispatcher, self.pipeline, self.metrics, self.telemetry)
         self._opened = True
         try:
             registry = await self.registry.start(initial, watch=self._watch)
@@ -158,6 +168,8 @@ class Runtime:
         await self.registry.aclose()
         await self.pool.aclose()
         await self.store.close()
+        if self._telemetry is None:  # ours: flush what is left and stop the exporter's thread
+            await asyncio.to_thread(self.telemetry.shutdown)
         log.info("coe stopped")
 
     async def __aenter__(self) -> Runtime:
@@ -182,17 +194,23 @@ class Runtime:
 
     def backend_configs(self, config: RegistryConfig) -> dict[str, BackendConfig]:
         """The backends this process runs: those asked for (``backends``), each managed vLLM's default
-        log file tagged (``log_tag``)."""
+        log file tagged (``log_tag``), and started with vLLM's own tracing when this process traces
+        (``Telemetry.launch``)."""
         wanted = {n: b for n, b in config.backends.items() if self._backends is None or n in self._backends}
-        if self._log_tag is None:
+        if self._log_tag is None and not self.telemetry.enabled:
             return wanted
         out = {}
         for name, backend in wanted.items():
             launch = backend.launch
-            if launch is not None and launch.log_file is not None and launch.log_file.name == f"{name}.log" \
+            if launch is not None and self._log_tag is not None and launch.log_file is not None \
+                    and launch.log_file.name == f"{name}.log" \
                     and launch.log_file.parent.parts[-2:] == (".coe", "logs"):  # the loader's default
                 tagged = launch.log_file.with_name(f"{name}.{self._log_tag}.log")
-                backend = backend.model_copy(update={"launch": launch.model_copy(update={"log_file": tagged})})
+                launch = launch.model_copy(update={"log_file": tagged})
+            if launch is not None:
+                launch = self.telemetry.launch(name, launch)
+            if launch is not backend.launch:
+                backend = backend.model_copy(update={"launch": launch})
             out[name] = backend
         return out
 

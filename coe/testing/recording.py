@@ -17,6 +17,8 @@ class Exchange:
     body: dict[str, Any]
     response: dict[str, Any] | None
     """The parsed JSON answer (None for a stream, a failure, or a cancelled request)."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """The request's headers as sent (``traceparent``, ``x-request-id``)."""
 
 
 @dataclass
@@ -38,7 +40,7 @@ class RecordingTransport(httpx.AsyncBaseTransport):
         if not request.url.path.endswith("/chat/completions"):
             return await self.inner.handle_async_request(request)
         body = json.loads(await request.aread())
-        exchange = Exchange(body, None)
+        exchange = Exchange(body, None, dict(request.headers))
         self.exchanges.append(exchange)
         model = str(body.get("model"))
         if model in self.delay_s:

@@ -26,7 +26,7 @@ from services.api.chat.serving import ChatServing
 from services.api.experts.router import router as experts_router
 from services.api.files.router import router as files_router
 from services.api.health.router import router as health_router
-from services.api.middleware import RequestIdMiddleware
+from services.api.middleware import RequestIdMiddleware, TracingMiddleware
 from services.api.models.router import router as models_router
 from services.api.route.router import router as route_router
 from services.api.state import ApiState
@@ -85,5 +85,6 @@ def create_app(
     for router in (chat_router, models_router, experts_router, route_router, files_router, batches_router,
                    health_router):
         app.include_router(router)
+    app.add_middleware(TracingMiddleware)  # inside the request id's: the span carries it
     app.add_middleware(RequestIdMiddleware)
     return app
