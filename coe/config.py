@@ -350,6 +350,24 @@ class StoreConfig(Strict):
         "(24h). For tests: OpenAI accepts only 24h")
 
 
+class ExplorerConfig(Strict):
+    """The routing explorer (``/ui``, ``coe.runtime.explorer``): what each replica keeps in the state store
+    for the page, bounded, so that the page shows every replica's decisions and load."""
+
+    enabled: bool = Field(True, description="record decisions and publish this replica's load for the page")
+    decisions: int = Field(
+        200, ge=1, le=10_000, description="recent routed decisions kept per replica (a ring: the oldest is "
+        "overwritten); the page shows the newest across replicas")
+    keep_queries: bool = Field(
+        False, description="keep each decision's query text (truncated) for the page; off: the page shows "
+        "'(not kept)', like traces, which keep prompts only when telemetry.capture_content is on")
+    query_chars: int = Field(160, ge=1, le=4096, description="with keep_queries: characters kept per query")
+    publish_interval_s: float = Field(
+        1.0, gt=0, le=60, description="how often a replica writes its new decisions and its load to the store")
+    retention_s: float = Field(
+        3600, gt=0, description="entries older than this (a replica that stopped) are dropped when read")
+
+
 class TelemetryConfig(Strict):
     """OpenTelemetry traces (``coe.telemetry``). Off unless ``enabled`` or the standard ``OTEL_*`` variables
     switch them on; a key left out here falls back to its ``OTEL_*`` variable, then to the default."""
@@ -408,6 +426,7 @@ class RegistryConfig(Strict):
     store: StoreConfig = Field(default_factory=StoreConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    explorer: ExplorerConfig = Field(default_factory=ExplorerConfig)
 
     def expert(self, name: str) -> ExpertConfig | None:
         for e in self.experts:

@@ -5,7 +5,7 @@
 #   - installs torch==2.13.0+cpu FIRST (never the CUDA build), then `pip install -e '.[cpu,models,router,dev]'`
 #   - removes torchvision/torchaudio/torchcodec (CUDA builds from PyPI that break `import vllm`)
 #   - checks `import vllm, torch`
-#   - installs redis-server with apt-get when it is missing (tests that need it skip otherwise)
+#   - installs redis-server and chromium with apt-get when missing (tests that need them skip otherwise)
 #
 # A stamp in .venv (hash of pyproject.toml + this script + the venv's python) makes a second run a
 # fast no-op.
@@ -57,42 +57,46 @@ stamp_value() {
     } | hash_stdin
 }
 
-have_redis() {
+have_cmd() {
     local p
-    p="$(command -v redis-server 2>/dev/null)" && [[ -x "$p" ]]
+    p="$(command -v "$1" 2>/dev/null)" && [[ -x "$p" ]]
 }
 
-redis_hint() {
-    log "redis-server not found: the tests marked 'redis' will skip."
-    log "  install it with: sudo apt-get update && sudo apt-get install -y redis-server   (macOS: brew install redis)"
-}
-
-install_redis() {
-    if have_redis; then
+# install_apt COMMAND PACKAGE WHAT: install PACKAGE with apt-get when COMMAND is missing; optional
+# system tools (tests that need them skip, saying so), so a failure here only prints how to install.
+install_apt() {
+    local cmd="$1" pkg="$2" what="$3"
+    if have_cmd "$cmd"; then
         return 0
     fi
+    local hint="$cmd not found: $what. Install it with: sudo apt-get update && sudo apt-get install -y $pkg"
     if ! command -v apt-get >/dev/null 2>&1; then
-        redis_hint
+        log "$hint"
         return 0
     fi
     local -a sudo=()
     if [[ "$(id -u)" != "0" ]]; then
         if ! command -v sudo >/dev/null 2>&1; then
-            redis_hint
+            log "$hint"
             return 0
         fi
         sudo=(sudo)
         [[ -t 0 ]] || sudo=(sudo -n)   # never hang on a password prompt without a terminal
     fi
-    log "installing redis-server with apt-get"
+    log "installing $pkg with apt-get"
     # ${sudo[@]+...}: an empty array is "unbound" under set -u in bash < 4.4 (macOS)
     ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get update -qq || true
-    ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null || true
-    if have_redis; then
-        log "redis-server: $(command -v redis-server)"
+    ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null || true
+    if have_cmd "$cmd"; then
+        log "$cmd: $(command -v "$cmd")"
     else
-        redis_hint
+        log "$hint"
     fi
+}
+
+system_tools() {
+    install_apt redis-server redis-server "the tests marked 'redis' will skip (macOS: brew install redis)"
+    install_apt chromium chromium "the routing explorer's browser tests (marked 'browser') will skip"
 }
 
 # --- 1. the virtualenv --------------------------------------------------------------------------
@@ -117,7 +121,7 @@ fi
 # --- 2. fast path: nothing changed since the last successful run -------------------------------
 if [[ "${COE_SETUP_FORCE:-0}" != "1" && -f "$STAMP" && "$(cat "$STAMP")" == "$(stamp_value)" ]]; then
     log ".venv is up to date ($("$VPY" -c 'import sys; print(sys.version.split()[0])'))"
-    have_redis || redis_hint
+    system_tools
     exit 0
 fi
 rm -f "$STAMP"
@@ -186,8 +190,8 @@ if ! out="$("$VPY" -c 'import vllm, torch; print(f"vllm {vllm.__version__}, torc
 fi
 log "${out##*$'\n'}"
 
-# --- 7. redis-server (optional: tests that need it skip without it) ----------------------------
-install_redis
+# --- 7. system tools (optional: the tests that need one skip without it, saying so) -------------
+system_tools
 
 stamp_value >"$STAMP"
 log "done"

@@ -39,6 +39,12 @@ class RoutingDecision(BaseModel):
     aggregator: str | None = Field(None, description="the expert that composes the recruits' answers")
     level1: list[ExpertChoice] = Field(
         default_factory=list, description="the ranking level 1 alone gives, to show what level 2 changed")
+    categories: list[ExpertChoice] = Field(
+        default_factory=list, description="level 1's most likely categories with their probabilities, best first "
+        "(``name`` is the category)")
+    skill_matches: list[ExpertChoice] = Field(
+        default_factory=list, description="level 2's skills nearest the query, with their similarity "
+        "(``name`` is the skill)")
 
     def names(self) -> list[str]:
         return [e.name for e in self.experts]
@@ -67,6 +73,11 @@ class Router(ABC):
                          experts: Sequence[ExpertConfig]) -> list[RoutingDecision]:
         """Decide for many requests at once (``coe route``); routers that embed override this to batch."""
         return [await self.route(r, experts) for r in requests]
+
+    def describe(self, experts: Sequence[ExpertConfig]) -> dict[str, Any]:
+        """What the router knows, for people (the routing explorer): plain JSON. Routers that learned
+        something (a classifier's fit report, skill profiles) say it here."""
+        return {"router": self.name}
 
 
 Completer = Callable[["ExpertConfig", list[dict[str, Any]], dict[str, Any]], Awaitable[str]]

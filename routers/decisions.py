@@ -99,6 +99,8 @@ def record(id: Any, decision: RoutingDecision, latency_ms: float) -> dict[str, A
         "reason": decision.reason,
         "aggregator": decision.aggregator,
         "level1": [c.model_dump() for c in decision.level1],
+        "categories": [c.model_dump() for c in decision.categories],
+        "skill_matches": [c.model_dump() for c in decision.skill_matches],
     }
 
 

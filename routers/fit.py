@@ -302,6 +302,16 @@ def _rows(examples: Sequence[Example], which: Any, cls: dict[str, int], fine: di
                   np.array([e.weight for e in exs], dtype=np.float32))
 
 
+def confusion(z: Matrix, y: Labels, n: int) -> list[list[int]]:
+    """The held-out confusion matrix of the chosen ensemble: row = true category, column = predicted
+    (the order of ``classes``); kept in the artifact so that the explorer can show where routing errs."""
+    import numpy as np
+
+    m = np.zeros((n, n), dtype=np.int64)
+    np.add.at(m, (y, z.argmax(axis=1)), 1)
+    return [[int(v) for v in row] for row in m]
+
+
 def fit(cfg: RegistryConfig, embedder: Embedder, *, seed: int = 0,
         progress: Callable[[str], None] = lambda _line: None) -> FitResult:
     """Fit the level-1 classifier on ``router.data`` and the registry's anchors."""
@@ -395,6 +405,7 @@ def fit(cfg: RegistryConfig, embedder: Embedder, *, seed: int = 0,
         "weights": weights, "temperature": round(temperature, 4),
         "held_out_top1": round(best_key[0], 4),
         "ece_before": round(ece(ens, y), 4), "ece_after": round(ece(ens / temperature, y), 4),
+        "confusion": confusion(ens, y, len(classes)),
         "seconds": {"embed": round(embed_s, 1), "tune": round(tune_s, 1), "refit": round(refit_s, 1),
                     "total": round(time.perf_counter() - started, 1)},
     }

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from coe.config import ExpertConfig, RegistryConfig
 from coe.embed import shared_embedder
@@ -97,10 +98,13 @@ class TwoLevelRouter(Router):
         generalist = rc.generalist if any(e.name == rc.generalist for e in experts) else None
         specialists = [e for e in experts if e.name != generalist]
         category, confidence, p1 = None, None, {}
+        top_categories: list[ExpertChoice] = []
         if self.level1 is not None and result is not None:
             probs = result.probs()
             index = {c: i for i, c in enumerate(self.level1.classes)}
             category, confidence = result.top(self.level1.classes)
+            top_categories = [ExpertChoice(name=self.level1.classes[int(i)], score=round(float(probs[int(i)]), 4))
+                              for i in probs.argsort()[::-1][:CANDIDATES]]
             p1 = {e.name: max((float(probs[index[c]]) for c in e.categories if c in index), default=0.0)
                   for e in experts}
         confident = confidence is None or confidence >= rc.threshold
@@ -147,7 +151,22 @@ class TwoLevelRouter(Router):
             fallback=fallback, reason=reason,
             aggregator=self.recruiter.aggregator(profiles, experts, recruited),
             level1=[ExpertChoice(name=n, score=round(p1.get(n, 0.0), 4)) for n, _ in
-                    sorted(p1.items(), key=lambda t: (-t[1], order[t[0]]))[:CANDIDATES]] if p1 else [])
+                    sorted(p1.items(), key=lambda t: (-t[1], order[t[0]]))[:CANDIDATES]] if p1 else [],
+            categories=top_categories,
+            skill_matches=[ExpertChoice(name=s, score=round(float(v), 4)) for s, v in matched])
+
+    def describe(self, experts: Sequence[ExpertConfig]) -> dict[str, Any]:
+        """The classifier's last fit (held-out scores, confusion matrix) and every expert's skill profile."""
+        profiles = self.recruiter.profiles(experts)
+        fit = self.level1.classifier.meta.get("fit") if self.level1 is not None else None
+        return {
+            "router": self.name,
+            "categories": list(self.level1.classes) if self.level1 is not None else [],
+            "fit": fit,
+            "profiles": {name: {"skills": dict(p.skills), "answered": p.answered, "accuracy": p.accuracy,
+                                "synthetic": p.synthetic} for name, p in profiles.experts.items()},
+            "profile_source": profiles.source,
+        }
 
     def _k(self, confidence: float | None, matched: Sequence[tuple[str, float]], use_level2: bool) -> int:
         """k_min when level 1 is sure; towards k_max as its confidence falls to the threshold, more so

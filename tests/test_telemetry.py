@@ -489,8 +489,13 @@ async def test_batch_items(stub: tuple[str, StubRecord], receiver: OtlpReceiver,
             assert time.monotonic() < deadline, f"batch item spans: {list(items)}"
             await asyncio.sleep(0.2)
     direct, routed = items["item-0"], items["item-1"]
+    # each item is its own trace, linked to the span of the request that created the batch
+    [created] = [s for s in receiver.spans if s.kind == "SERVER" and s.attrs.get("http.route") == "/v1/batches"
+                 and s.attrs.get("http.request.method") == "POST"]
     for item in (direct, routed):
         assert item.parent_id == "" and item.attrs["coe.status_code"] == 200 and item.attrs["coe.staged"] is True
+        assert item.links == [(created.trace_id, created.span_id)] and item.trace_id != created.trace_id
+        assert item.attrs["coe.batch.id"] == batch.id
     # the calls a wave ran for the item, outside its task, are still its children
     [call] = [s for s in receiver.trace(direct.trace_id) if s.kind == "CLIENT"]
     assert call.parent_id == direct.span_id and call.attrs["coe.expert"] == "e1"

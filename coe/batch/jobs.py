@@ -66,6 +66,7 @@ from coe.batch.queue import WorkQueue
 from coe.errors import Conflict, InvalidRequest, NotFound, clip
 from coe.heap import trim_soon
 from coe.store.base import StateStore
+from coe.telemetry import carrier
 
 __all__ = ["BATCHES", "DATA", "FILES", "STOPPING", "TERMINAL", "BatchJobs"]
 
@@ -144,7 +145,7 @@ class BatchJobs(BatchFiles):
             "finalizing_at": None, "completed_at": None, "failed_at": None,
             "expired_at": None, "cancelling_at": None, "cancelled_at": None,
             "request_counts": {"total": len(custom_ids), "completed": 0, "failed": 0},
-            "metadata": metadata or None, "enqueued": False,
+            "metadata": metadata or None, "enqueued": False, "trace": carrier(),
         }
         await self.store.put(BATCHES, batch["id"], batch)
         await self.queue.push(batch["id"], custom_ids)
@@ -202,7 +203,14 @@ class BatchJobs(BatchFiles):
             batch["request_counts"] = {"total": batch["request_counts"]["total"],
                                        "completed": done - failed - skipped, "failed": failed}
         batch.pop("enqueued", None)
+        batch.pop("trace", None)
         return batch
+
+    async def trace_of(self, batch_id: str) -> dict[str, str]:
+        """The ``traceparent`` of the request that created the batch (empty when it was not traced): its
+        items' spans link to it."""
+        batch = await self.store.get(BATCHES, batch_id)
+        return dict((batch or {}).get("trace") or {})
 
     async def list_batches(self, limit: int = 20, after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
         ids = sorted((await self.store.items(BATCHES)).values(), key=lambda b: (-int(b["created_at"]), b["id"]))

@@ -54,6 +54,7 @@ from coe.batch.stages import Job, WaveRunner
 from coe.errors import CoeError, StoreError
 from coe.heap import trim_soon
 from coe.pipeline.state import ChatCaller
+from coe.telemetry import batch_scope
 
 log = logging.getLogger("coe.batch")
 
@@ -122,6 +123,7 @@ class BatchWorker:
         self.processed = 0
         self.health = WorkerHealth()
         self._items: dict[str, dict[str, BatchItem] | None] = {}  # None: the batch's input is poison
+        self._traces: dict[str, dict[str, str]] = {}  # per batch: the traceparent its items link to
 
     async def run(self, stop: asyncio.Event) -> None:
         """Take and run work until ``stop`` is set. Returns only then: a failing store is retried with
@@ -214,6 +216,7 @@ class BatchWorker:
             if status is not None and status not in STOPPED:
                 run += mine
                 continue
+            self._traces.pop(batch_id, None)
             if len(self._items.pop(batch_id, None) or ()) >= BIG_BATCH:
                 await trim_soon()
             if status in STOPPING:
@@ -260,9 +263,12 @@ class BatchWorker:
                 items = None
                 await self._poison(entry.batch_id, batch, exc)
             self._items[entry.batch_id] = items
+            self._traces[entry.batch_id] = await self.jobs.trace_of(entry.batch_id)
             while len(self._items) > 1 and (len(self._items) > 64 or sum(
                     len(v or ()) for v in self._items.values()) > MAX_CACHED_ITEMS):
-                self._items.pop(next(iter(self._items)))  # the oldest batch's items: read again if needed
+                oldest = next(iter(self._items))  # the oldest batch's items: read again if needed
+                self._items.pop(oldest)
+                self._traces.pop(oldest, None)
         items = self._items[entry.batch_id]
         return None if items is None else items.get(entry.custom_id)
 
@@ -314,12 +320,13 @@ class BatchWorker:
         if status in STOPPING:
             await jobs.record(entry.batch_id, item, 0, {}, request_id, skipped=True, begun=True)
         elif not await jobs.has_result(entry.batch_id, item.custom_id):
-            code, body = await self.execute(item, request_id, caller)
-            for delay in RETRY_DELAYS_S:
-                if code not in RETRY_STATUSES or await self._stopped(entry.batch_id):
-                    break
-                await asyncio.sleep(delay)
+            with batch_scope(entry.batch_id, self._traces.get(entry.batch_id, {})):
                 code, body = await self.execute(item, request_id, caller)
+                for delay in RETRY_DELAYS_S:
+                    if code not in RETRY_STATUSES or await self._stopped(entry.batch_id):
+                        break
+                    await asyncio.sleep(delay)
+                    code, body = await self.execute(item, request_id, caller)
             # an item that failed once its batch stopped was (most likely) refused its calls: skipped
             skipped = not 200 <= code < 300 and await self._stopped(entry.batch_id)
             await jobs.record(entry.batch_id, item, 0 if skipped else code, {} if skipped else body, request_id,
@@ -328,3 +335,4 @@ class BatchWorker:
         await jobs.queue.ack([entry])
         if await jobs.maybe_finalize(entry.batch_id):
             self._items.pop(entry.batch_id, None)  # ended: its items are not needed again
+            self._traces.pop(entry.batch_id, None)

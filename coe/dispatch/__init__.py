@@ -33,9 +33,10 @@ import functools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from coe import usage as usage_mod
@@ -189,6 +190,11 @@ class Dispatcher:
         self.metrics = metrics
         self.telemetry = telemetry
         self._lanes: dict[str, Lane] = {}
+
+    @property
+    def lanes(self) -> Mapping[str, Lane]:
+        """Each backend's lane built so far, by backend name (read-only: the explorer shows residency)."""
+        return MappingProxyType(self._lanes)
 
     def lane(self, backend: BackendRuntime) -> Lane:
         lane = self._lanes.get(backend.name)

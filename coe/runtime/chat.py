@@ -14,8 +14,9 @@ The HTTP layer (``services/api/chat``) only parses, frames SSE and counts.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry.trace import Status, StatusCode
@@ -33,8 +34,9 @@ from coe.pipeline import final as final_stage
 from coe.pipeline.response import answered, calls_of, coe_field, completion, log_run
 from coe.pipeline.spans import record_request
 from coe.registry import Registry, RegistryManager
+from coe.runtime.explorer import Explorer
 from coe.runtime.protocol import ChatCompletionRequest
-from coe.telemetry import OFF, Telemetry
+from coe.telemetry import OFF, Telemetry, batch_link
 from routers.base import ExpertChoice, RoutingDecision
 
 log = logging.getLogger("coe.chat")
@@ -61,6 +63,9 @@ class Composed:
     run: State
     params: dict[str, Any]
     registry: Registry
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    staged: bool = False
 
 
 def direct_field(decision: RoutingDecision, calls: list[ExpertCall], request_id: str) -> dict[str, Any]:
@@ -133,12 +138,23 @@ def options(body: ChatCompletionRequest, registry: Registry | None) -> Options:
 
 class ChatPaths:
     def __init__(self, registry: RegistryManager, dispatcher: Dispatcher, pipeline: Pipeline,
-                 metrics: Metrics, telemetry: Telemetry = OFF) -> None:
+                 metrics: Metrics, telemetry: Telemetry = OFF, explorer: Explorer | None = None) -> None:
         self.registry = registry
         self.dispatcher = dispatcher
         self.pipeline = pipeline
         self.metrics = metrics
         self.telemetry = telemetry
+        self.explorer = explorer
+
+    def finished(self, composed: Composed, request_id: str, run: State | None = None, *,
+                 stream: bool = False) -> None:
+        """A composed request's answer is complete: its log line, and its decision for the explorer
+        (live traffic only: a batch's items are not decisions anyone watches live)."""
+        done = composed.run if run is None else run
+        log_run(done, request_id)
+        if self.explorer is not None and not composed.staged:
+            self.explorer.record(coe_field(done, request_id), composed.messages, started=composed.started,
+                                 stream=stream)
 
     # -- a named expert ---------------------------------------------------------------------
 
@@ -186,6 +202,7 @@ class ChatPaths:
         """The graph's run for one request (the final stage left open when it streams). ``staged``: a
         batch's stager (``coe.batch.stages``) that holds the expert calls for their wave; the run's time
         deadlines are then off (``Context.staged``)."""
+        started = time.perf_counter()
         registry = self.registry.current
         opts = options(body, registry)
         check_limits(body, registry.config, None)
@@ -196,7 +213,7 @@ class ChatPaths:
         ctx = self.pipeline.context(registry, metrics=self.metrics, messages=messages, params=params,
                                     request_id=request_id, options=opts, session=session, stream=body.stream,
                                     dispatcher=staged, staged=staged is not None)
-        return Composed(await self.pipeline.run(ctx), params, registry)
+        return Composed(await self.pipeline.run(ctx), params, registry, messages, started, staged is not None)
 
     async def open_final(self, composed: Composed, request_id: str) -> Streamed | None:
         """Stream the final stage of a streaming run. None when the answer is already text (a vote, a
@@ -218,7 +235,7 @@ class ChatPaths:
 
         def finish(call: ExpertCall) -> tuple[dict[str, Any], dict[str, Any] | None]:
             done = final_stage.merge(run, final_stage.answered(run, call, streamed=True))
-            log_run(done, request_id)
+            self.finished(composed, request_id, done, stream=True)
             return coe_field(done, request_id), usage_mod.add(c.usage for c in calls_of(done))
 
         names = ",".join(filter(None, [answered(run.get("calls", [])), opened.expert.name]))
@@ -231,7 +248,7 @@ class ChatPaths:
         """One whole chat completion, by a named expert or composed."""
         if body.model == ROUTED_MODEL:
             composed = await self.compose(body, request_id, session=session, staged=staged)
-            log_run(composed.run, request_id)
+            self.finished(composed, request_id)
             return completion(composed.run, request_id)
         return await self.direct(body, request_id, staged)
 
@@ -239,12 +256,16 @@ class ChatPaths:
                       staged: ChatCaller | None = None) -> tuple[int, dict[str, Any]]:
         """A batch item: (status, body); every failure becomes an OpenAI error body. Traced, the item is the
         root span of its own trace (``batch item``), and its expert calls, which a stager runs in its
-        waves outside the item's context, are made its children by request id. The item span has no
-        link to its batch: the batch id does not reach this method."""
-        with self.telemetry.span("batch item", root=True) as span:
+        waves outside the item's context, are made its children by request id. Run by a batch worker
+        (``coe.telemetry.batch_scope``), it carries ``coe.batch.id`` and links to the span of the request
+        that created the batch."""
+        batch_id, links = batch_link()
+        with self.telemetry.span("batch item", root=True, links=links) as span:
             if span.is_recording():
                 span.set_attributes({"coe.request_id": request_id, "coe.batch.custom_id": item.custom_id,
                                      "coe.batch.line": item.line, "coe.staged": staged is not None})
+                if batch_id is not None:
+                    span.set_attribute("coe.batch.id", batch_id)
                 self.telemetry.adopt(request_id, span)
             try:
                 status, body = await self._execute(item, request_id, staged)

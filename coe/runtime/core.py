@@ -37,6 +37,7 @@ from coe.metrics import Metrics
 from coe.pipeline import Pipeline
 from coe.registry import Registry, RegistryManager
 from coe.runtime.chat import ChatPaths
+from coe.runtime.explorer import Explorer, load_snapshot
 from coe.store import open_store
 from coe.store.base import StateStore
 from coe.telemetry import OFF, Telemetry
@@ -66,7 +67,7 @@ class Runtime:
                  poll_interval_s: float = 1.0,
                  drain_timeout_s: float = 30.0,
                  on_reload: Callable[[Registry], None] | None = None,
-                 telemetry: Telemetry | None = None) -> None:
+                 telemetry: Telemetry | None = None, explorer: bool = False) -> None:
         self.config_path = Path(config_path).resolve()
         self._config = config
         self._store = store
@@ -81,6 +82,9 @@ class Runtime:
         self.drain_timeout_s = drain_timeout_s
         self._on_reload = on_reload
         self._telemetry = telemetry
+        self._explorer = explorer
+        self.explorer: Explorer | None = None
+        """The routing explorer's recorder and reader (``explorer``: a server that serves ``/ui``)."""
         self.telemetry: Telemetry = OFF
         """Where this process's spans go: ``telemetry`` when given, else built from the registry's
         ``telemetry:`` section and ``OTEL_*`` at open (read once: a reload does not change it)."""
@@ -118,7 +122,10 @@ class Runtime:
                                         poll_interval_s=self.poll_interval_s,
                                         on_reload=self._on_reload, backends=self._configure)
         self.pipeline = Pipeline(self.dispatcher, self.telemetry)
-        self.chat = ChatPaths(self.registry, self.dispatcher, self.pipeline, self.metrics, self.telemetry)
+        if self._explorer:
+            self.explorer = Explorer(self.store, initial.explorer, self._load)
+        self.chat = ChatPaths(self.registry, self.dispatcher, self.pipeline, self.metrics, self.telemetry,
+                              self.explorer)
         self._opened = True
         try:
             registry = await self.registry.start(initial, watch=self._watch)
@@ -128,6 +135,8 @@ class Runtime:
             self._tasks.append(asyncio.create_task(self._load_overlay_when_ready(), name="coe-overlay"))
             if self._batches:
                 self._open_batches(initial)
+            if self.explorer is not None:
+                self.explorer.start()
             log.info("coe runtime open: %d experts, %d backends", len(registry.experts),
                      len(self.backend_configs(registry.config)))
         except BaseException:
@@ -163,6 +172,8 @@ class Runtime:
         for task in self._tasks:
             with contextlib.suppress(BaseException):
                 await task
+        if self.explorer is not None:
+            await self.explorer.aclose()
         if self.jobs is not None:
             await self.jobs.queue.close()
         await self.registry.aclose()
@@ -178,6 +189,11 @@ class Runtime:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.aclose()
+
+    def _load(self) -> dict[str, Any]:
+        """This replica's load for the explorer (its experts, backends, resident adapters)."""
+        return load_snapshot(self.metrics, self.pool.all(), self.dispatcher.lanes,
+                             list(self.registry.current.experts))
 
     # -- requests in flight (for draining) ------------------------------------------------
 

@@ -33,6 +33,8 @@ from coe.config import LaunchConfig
 __all__ = ["OFF", "Settings", "Span", "SpanKind", "Telemetry", "current_span", "extract", "fail", "inject"]
 
 _labels: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar("coe_call_labels", default=None)
+_batch: contextvars.ContextVar[tuple[str, Mapping[str, str]] | None] = contextvars.ContextVar(
+    "coe_batch", default=None)
 """Attributes the next model-call spans of this context get (the pipeline's role and round of a call):
 the dispatcher's ``chat`` has no room for them, and a batch's stager implements the same signature."""
 
@@ -143,12 +145,12 @@ class Telemetry:
     # -- spans ---------------------------------------------------------------------------
 
     def span(self, name: str, *, kind: SpanKind = SpanKind.INTERNAL, attributes: Mapping[str, Any] | None = None,
-             root: bool = False) -> _Active | _Noop:
+             root: bool = False, links: Iterable[trace.Link] = ()) -> _Active | _Noop:
         """A block run under a new current span, ended at its end (``root``: a new trace)."""
         if self._tracer is None:
             return _NOOP
         span = self._tracer.start_span(name, context=otel_context.Context() if root else None, kind=kind,
-                                       attributes=attributes)
+                                       attributes=attributes, links=list(links) or None)
         return _Active(span, end=True)
 
     def start(self, name: str, *, kind: SpanKind = SpanKind.INTERNAL, attributes: Mapping[str, Any] | None = None,
@@ -238,6 +240,40 @@ def inject(headers: dict[str, str]) -> None:
     when no span is current, which is always the case with tracing off."""
     if trace.get_current_span().get_span_context().is_valid:
         propagate.inject(headers)
+
+
+def carrier() -> dict[str, str]:
+    """The current span's ``traceparent`` (and ``tracestate``) as a dict to store with work that runs
+    later (a batch): empty when no span is current."""
+    out: dict[str, str] = {}
+    inject(out)
+    return out
+
+
+class batch_scope:
+    """The block runs items of batch ``batch_id``: their spans link to the span that created the batch
+    (``trace``: the ``carrier()`` stored with the batch) and carry ``coe.batch.id``."""
+
+    def __init__(self, batch_id: str, trace_carrier: Mapping[str, str]) -> None:
+        self._value = (batch_id, trace_carrier)
+        self._token: contextvars.Token[tuple[str, Mapping[str, str]] | None] | None = None
+
+    def __enter__(self) -> None:
+        self._token = _batch.set(self._value)
+
+    def __exit__(self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._token is not None:
+            _batch.reset(self._token)
+
+
+def batch_link() -> tuple[str | None, list[trace.Link]]:
+    """Inside ``batch_scope``: the batch's id and the link to the span that created it (none without one)."""
+    scope = _batch.get()
+    if scope is None:
+        return None, []
+    batch_id, stored = scope
+    context = trace.get_current_span(propagate.extract(dict(stored))).get_span_context() if stored else None
+    return batch_id, [trace.Link(context)] if context is not None and context.is_valid else []
 
 
 def extract(pairs: Iterable[tuple[bytes, bytes]]) -> otel_context.Context:

@@ -30,6 +30,7 @@ from services.api.middleware import RequestIdMiddleware, TracingMiddleware
 from services.api.models.router import router as models_router
 from services.api.route.router import router as route_router
 from services.api.state import ApiState
+from services.api.ui.router import router as ui_router
 
 log = logging.getLogger("coe.api")
 
@@ -65,7 +66,7 @@ def create_app(
 
         runtime = Runtime(config_path, config=config, store=store, transport_factory=transport_factory,
                           poll_interval_s=poll_interval_s, drain_timeout_s=drain_timeout_s,
-                          batch_worker=batch_worker, on_reload=on_reload)
+                          batch_worker=batch_worker, on_reload=on_reload, explorer=True)
         async with runtime:
             app.state.coe = ApiState(runtime, keys[0], ChatServing(runtime))
             registry = runtime.registry.current
@@ -83,7 +84,7 @@ def create_app(
     errors.install(app)
     errors.openapi_400_not_422(app)
     for router in (chat_router, models_router, experts_router, route_router, files_router, batches_router,
-                   health_router):
+                   health_router, ui_router):
         app.include_router(router)
     app.add_middleware(TracingMiddleware)  # inside the request id's: the span carries it
     app.add_middleware(RequestIdMiddleware)

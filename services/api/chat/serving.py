@@ -18,7 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from coe.config import ROUTED_MODEL
 from coe.errors import CoeError
-from coe.pipeline.response import answered, completion, log_run, text_chunks
+from coe.pipeline.response import answered, completion, text_chunks
 from coe.runtime import ChatCompletionRequest, Runtime, Streamed
 from services.api.chat.streaming import ClientDisconnected, done, log, sse, text_sse, until_disconnect
 
@@ -80,7 +80,7 @@ class ChatServing:
             if streamed is not None:
                 return self._stream(streamed, body, "routed", started, request_id), streamed.opened.expert.name
         run = composed.run
-        log_run(run, request_id)
+        self.paths.finished(composed, request_id, stream=bool(body.stream))
         names = answered(run.get("calls", []))
         by = run.get("answered_by") or ""
         if body.stream:
