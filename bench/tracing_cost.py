@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from coe.telemetry import OFF, Telemetry, current_span, inject
@@ -105,12 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--number", type=int, default=20000)
     p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--out", help="results file (default: bench/results/tracing-cost-<UTC stamp>.json)")
     args = p.parse_args(argv)
     off = measure(OFF, args.number, args.repeat)
     on = measure(dropping_telemetry(), args.number // 10, args.repeat)
     print(f"tracing off: +{off['added_us']:.2f} us per direct request "
           f"({off['without_tracing_code_us']:.2f} -> {off['with_tracing_code_us']:.2f} us)")
     print(f"tracing on:  +{on['added_us']:.2f} us per direct request (2 spans made and dropped, no export)")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out = Path(args.out or Path(__file__).parent / "results" / f"tracing-cost-{stamp}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"bench": "tracing-cost", "started_utc": stamp, "command": " ".join(sys.argv),
+                               "number": args.number, "repeat": args.repeat, "off": off, "on": on}, indent=1))
+    print(f"wrote {out}")
     return 0
 
 
