@@ -112,7 +112,9 @@ def cmd_route(args: argparse.Namespace) -> int:
 
     async def run() -> list[dict[str, object]]:
         async with _annotator(args.config, cfg) as complete:  # None unless skills.mode is "annotator"
+            t0 = time.perf_counter()
             router = await asyncio.to_thread(make_router, cfg, complete)
+            loaded[0] = time.perf_counter() - t0
             out: list[dict[str, object]] = []
             for start in range(0, len(inputs), args.batch_size):
                 batch = inputs[start:start + args.batch_size]
@@ -123,9 +125,10 @@ def cmd_route(args: argparse.Namespace) -> int:
                 out += [record(i.id, d, each_ms) for i, d in zip(batch, decisions, strict=True)]
             return out
 
+    loaded = [0.0]  # seconds to load (or fit) the router: not part of the routing rate
     started = time.perf_counter()
     records = asyncio.run(run())
-    elapsed = time.perf_counter() - started
+    elapsed = time.perf_counter() - started - loaded[0]
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if args.output:
         tmp = Path(args.output + ".tmp")
@@ -133,7 +136,8 @@ def cmd_route(args: argparse.Namespace) -> int:
         tmp.replace(args.output)  # never a half-written output file
     else:
         sys.stdout.write(lines)
-    print(summary(records, elapsed), file=sys.stderr)
+    print(f"router ready in {loaded[0]:.1f}s; "
+          f"{summary(records, elapsed)}", file=sys.stderr)
     return 0
 
 

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("coe.routers.fit")
 
-FIT_VERSION = 2
+FIT_VERSION = 3  # 3: the linear heads fitted by scikit-learn; the held-out confusion matrix kept
 """Part of the fingerprint: bump when the recipe changes, so old artifacts are refitted."""
 ANCHOR_WEIGHT = 5.0
 LAMBDAS = (1e-4, 3e-5, 1e-5)
@@ -131,34 +131,30 @@ def fingerprint(cfg: RegistryConfig, embedder_id: str) -> str:
 
 def train_softmax(X: Any, y: Labels, n_out: int, lam: float, weights: npt.NDArray[np.float32],
                   max_iter: int = 300) -> tuple[Matrix, Matrix]:
-    """Multinomial logistic regression, L2 on the weights, full-batch L-BFGS (X dense or torch sparse)."""
+    """Multinomial logistic regression (scikit-learn, L-BFGS) minimising the weighted mean cross-entropy
+    + lam/2 ||W||^2, the intercept unpenalised; X dense or scipy sparse. Returns (W: d x n_out, b: n_out),
+    with every one of the ``n_out`` classes a column, also those absent from ``y`` (a fold may lack a fine
+    label): they get no weight and a bias far below the others."""
     import numpy as np
-    import torch
-    import torch.nn.functional as F
+    from sklearn.linear_model import LogisticRegression
 
-    Xt = X if isinstance(X, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
-    yt = torch.from_numpy(y.astype(np.int64))
-    w = torch.from_numpy(weights.astype(np.float32))
-    W = torch.zeros(Xt.shape[1], n_out, requires_grad=True)
-    b = torch.zeros(n_out, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-7, tolerance_change=1e-10)
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        z = (torch.sparse.mm(Xt, W) if Xt.is_sparse else Xt @ W) + b
-        loss = (F.cross_entropy(z, yt, reduction="none") * w).sum() / w.sum() + 0.5 * lam * (W * W).sum()
-        loss.backward()  # type: ignore[no-untyped-call]
-        return loss
-
-    with torch.set_grad_enabled(True):
-        opt.step(closure)  # type: ignore[no-untyped-call]
-    return W.detach().numpy().astype(np.float32), b.detach().numpy().astype(np.float32)
+    sw = weights.astype(np.float64) / float(weights.sum())  # the mean, as the objective above says
+    model = LogisticRegression(C=1.0 / lam, max_iter=max_iter, tol=1e-6)
+    model.fit(X, y, sample_weight=sw)
+    present = model.classes_.astype(np.int64)
+    coef, icpt = model.coef_, model.intercept_
+    if len(present) == 2:  # scikit-learn keeps one logistic for two classes: logits (0, x.w + b)
+        coef, icpt = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], icpt])
+    W = np.zeros((X.shape[1], n_out), dtype=np.float32)
+    b = np.full(n_out, float(icpt.min()) - 30.0 if len(icpt) else 0.0, dtype=np.float32)
+    W[:, present] = coef.T
+    b[present] = icpt
+    return W, b
 
 
 def _sparse(tfidf: Tfidf, texts: Sequence[str]) -> Any:
     import numpy as np
-    import torch
+    from scipy.sparse import csr_matrix
 
     rows, cols, vals = [], [], []
     for i, t in enumerate(texts):
@@ -166,9 +162,8 @@ def _sparse(tfidf: Tfidf, texts: Sequence[str]) -> Any:
         rows.append(np.full(len(idx), i))
         cols.append(idx)
         vals.append(val)
-    ind = torch.from_numpy(np.stack([np.concatenate(rows), np.concatenate(cols)]).astype(np.int64))
-    return torch.sparse_coo_tensor(ind, torch.from_numpy(np.concatenate(vals).astype(np.float32)),
-                                   (len(texts), len(tfidf.vocab)), check_invariants=False).coalesce()
+    return csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                      shape=(len(texts), len(tfidf.vocab)), dtype=np.float32)
 
 
 @dataclass
@@ -302,6 +297,23 @@ def _rows(examples: Sequence[Example], which: Any, cls: dict[str, int], fine: di
                   np.array([e.weight for e in exs], dtype=np.float32))
 
 
+def _encode_with_progress(embedder: Embedder, texts: Sequence[str], progress: Callable[[str], None],
+                          chunk: int = 2048, every_s: float = 10.0) -> Matrix:
+    """Embed in chunks, saying how far it is every ``every_s`` (the embedding is most of a fit's time)."""
+    import numpy as np
+
+    started = last = time.perf_counter()
+    parts = []
+    for start in range(0, len(texts), chunk):
+        parts.append(embedder.encode(list(texts[start:start + chunk])))
+        now, done = time.perf_counter(), min(start + chunk, len(texts))
+        if now - last >= every_s and done < len(texts):
+            last = now
+            rate = done / (now - started)
+            progress(f"embedded {done}/{len(texts)} texts ({rate:.0f}/s, about {(len(texts) - done) / rate:.0f}s left)")
+    return np.concatenate(parts) if parts else embedder.encode([])
+
+
 def confusion(z: Matrix, y: Labels, n: int) -> list[list[int]]:
     """The held-out confusion matrix of the chosen ensemble: row = true category, column = predicted
     (the order of ``classes``); kept in the artifact so that the explorer can show where routing errs."""
@@ -346,7 +358,7 @@ def fit(cfg: RegistryConfig, embedder: Embedder, *, seed: int = 0,
     progress(f"embedding {len(texts)} texts ({len(data)} labelled lines, {len(anc)} anchors, "
              f"{len(classes)} categories)")
     t0 = time.perf_counter()
-    X = embedder.encode(texts)
+    X = _encode_with_progress(embedder, texts, progress)
     embed_s = time.perf_counter() - t0
 
     # Held-out predictions for every candidate setting, gathered over the folds.
@@ -463,7 +475,11 @@ def ensure_classifier(cfg: RegistryConfig, embedder: Embedder, *,
             return current
         why = "missing" if current is None else "stale"
         log.warning("router artifact %s is %s: fitting it now", folder, why)
-        progress(f"router artifact {folder} is {why}: fitting it")
-        result = fit(cfg, embedder, progress=progress)
+
+        def say(line: str) -> None:  # a server or `coe route` that fits on its own shows how far it is
+            log.warning("router fit: %s", line)
+            progress(line)
+
+        result = fit(cfg, embedder, progress=say)
         write_artifact(result.classifier, folder)
         return result.classifier

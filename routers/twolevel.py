@@ -137,6 +137,8 @@ class TwoLevelRouter(Router):
         recruited = self.recruiter.select(in_pool, k)
         if len(recruited) < k:  # the category has fewer experts than k: next best specialists
             recruited += [n for n, _ in ranked(specialists) if n not in recruited][: k - len(recruited)]
+            # who is recruited is decided (the category's experts first); the list is best first by score
+            recruited.sort(key=lambda n: (-score[n], order[n]))
         fallback = not confident and generalist is not None
         if fallback and generalist not in recruited:
             recruited.append(str(generalist))

@@ -266,3 +266,18 @@ def test_annotator_keywords_repeated_across_samples_map_to_profile_skills(cfg: R
                                  annotated.experts))
     assert d.skills[:2] == ["calculus", "algebra"] or set(d.skills) == {"calculus", "algebra"}
     assert d.experts[0].name == "math"
+
+
+def test_recruited_experts_are_best_first_even_when_k_reaches_outside_the_category(
+        cfg: RegistryConfig, fixture_dir: Path) -> None:
+    """With one expert per category, k = 2 takes the next best specialist from outside the category; the
+    list is still best first by the score it shows (``coe route`` once printed the lower score first)."""
+    fixed = cfg.model_copy(update={"router": cfg.router.model_copy(
+        update={"k_min": 2, "k_max": 2, "level2_weight": 0.9})})  # level 2 can outrank the category's expert
+    router = make_router(fixed)
+    rows = [json.loads(line) for line in (fixture_dir / "data.jsonl").read_text().splitlines()]
+    requests = [RouteRequest(messages=[{"role": "user", "content": r["question"]}]) for r in rows]
+    decisions = asyncio.run(router.route_many(requests, fixed.experts))
+    for d in decisions:
+        scores = [e.score for e in d.experts if e.name != "generalist"]
+        assert scores == sorted(scores, reverse=True), d.experts
