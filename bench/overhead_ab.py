@@ -15,7 +15,8 @@ What it does
   ``coe serve`` runs from the worktree (``--coe-src``); the candidate's from this checkout. Arguments
   after ``--`` go to every ``overhead.py`` run.
 - Per cell (mode x concurrency): the median over rounds of each version's added p50 and p99 (coe's
-  percentile minus the direct path's, measured in the same run), and the ratio candidate / baseline.
+  percentile minus the direct path's, measured in the same run) and of coe's CPU per request (from
+  /proc: less at the mercy of other load than latency), and the ratios candidate / baseline.
 
 Results: ``bench/results/overhead-ab-<UTC timestamp>.json`` (every run's cells too) and a table on stdout.
 """
@@ -55,7 +56,9 @@ def cells(result: dict[str, Any]) -> dict[str, dict[str, float]]:
     for cell in result["cells"]:
         for metric, stats in cell["stats"].items():
             added = stats["added"]
-            out[f"{cell['mode']} c={cell['concurrency']} {metric}"] = {"p50_ms": added["p50"], "p99_ms": added["p99"]}
+            out[f"{cell['mode']} c={cell['concurrency']} {metric}"] = {
+                "p50_ms": added["p50"], "p99_ms": added["p99"],
+                "cpu_ms": cell["resources"]["coe_cpu_ms_per_request"]}  # coe's CPU per request in that cell
     return out
 
 
@@ -98,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         for version in ("baseline", "candidate"):
             for q in ("p50_ms", "p99_ms"):
                 row[f"{version}_{q}"] = statistics.median(x["cells"][name][q] for x in runs if x["version"] == version)
-        for q in ("p50_ms", "p99_ms"):
+            row[f"{version}_cpu_ms"] = statistics.median(x["cells"][name]["cpu_ms"] for x in runs
+                                                         if x["version"] == version)
+        for q in ("p50_ms", "p99_ms", "cpu_ms"):
             base = row[f"baseline_{q}"]
             row[f"ratio_{q[:3]}"] = row[f"candidate_{q}"] / base if base > 0 else None
         summary[name] = row
@@ -113,12 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     base = f"{commit[:10]} {args.baseline_args}".strip() if commit else f"working tree {args.baseline_args}".strip()
     print(f"\nadded latency (ms), median of {args.rounds} rounds; baseline {base} vs the working tree "
           f"{args.candidate_args}".rstrip())
-    print(f"{'cell':<26} {'base p50':>9} {'cand p50':>9} {'ratio':>6} {'base p99':>9} {'cand p99':>9} {'ratio':>6}")
+    print(f"{'cell':<26} {'base p50':>9} {'cand p50':>9} {'ratio':>6} {'base p99':>9} {'cand p99':>9} {'ratio':>6}"
+          f" {'base CPU':>9} {'cand CPU':>9} {'ratio':>6}")
     for name, row in summary.items():
         def ratio(x: float | None) -> str:
             return "-" if x is None else f"{x:.2f}"
         print(f"{name:<26} {row['baseline_p50_ms']:>9.3f} {row['candidate_p50_ms']:>9.3f} {ratio(row['ratio_p50']):>6}"
-              f" {row['baseline_p99_ms']:>9.3f} {row['candidate_p99_ms']:>9.3f} {ratio(row['ratio_p99']):>6}")
+              f" {row['baseline_p99_ms']:>9.3f} {row['candidate_p99_ms']:>9.3f} {ratio(row['ratio_p99']):>6}"
+              f" {row['baseline_cpu_ms']:>9.3f} {row['candidate_cpu_ms']:>9.3f} {ratio(row['ratio_cpu']):>6}")
     print(f"\nresults: {out}")
     return 0
 

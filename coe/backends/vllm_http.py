@@ -103,35 +103,47 @@ class VLLMBackend(ExpertBackend):
     def __init__(self, name: str, client: httpx.AsyncClient) -> None:
         self.name = name
         self.client = client
+        # Built once: a chat call's request skips httpx's per-request URL merging and header merging
+        # (about a fifth of the direct path's CPU when built by ``client.build_request``).
+        self._chat_url = client.base_url.join("/v1/chat/completions")
+        self._headers = dict(client.headers)
+        self._timeout = client.timeout.as_dict()
+
+    def _chat_request(self, body: dict[str, Any], request_id: str, *, stream: bool) -> httpx.Request:
+        headers = {**self._headers, "content-type": "application/json", "x-request-id": request_id}
+        if stream:
+            headers["accept"] = "text/event-stream"
+        inject(headers)
+        return httpx.Request("POST", self._chat_url, headers=headers, content=orjson.dumps(body),
+                             extensions={"timeout": self._timeout})
 
     def _unavailable(self, exc: Exception) -> BackendUnavailable:
         return BackendUnavailable(f"expert backend {self.name!r} is unreachable: {type(exc).__name__}")
 
-    async def _post(self, path: str, body: dict[str, Any], request_id: str) -> httpx.Response:
-        headers = {"content-type": "application/json", "x-request-id": request_id}
-        inject(headers)
+    async def _send(self, request: httpx.Request) -> httpx.Response:
         try:
-            response = await self.client.post(path, content=orjson.dumps(body), headers=headers)
+            response = await self.client.send(request)
         except (httpx.TransportError, httpx.TimeoutException) as exc:
             raise self._unavailable(exc) from exc
         if response.status_code >= 500:
             raise BackendUnavailable(f"expert backend {self.name!r} answered HTTP {response.status_code}")
         return response
 
+    async def _post(self, path: str, body: dict[str, Any], request_id: str) -> httpx.Response:
+        headers = {"content-type": "application/json", "x-request-id": request_id}
+        inject(headers)
+        return await self._send(self.client.build_request("POST", path, content=orjson.dumps(body), headers=headers))
+
     async def chat(self, body: dict[str, Any], *, request_id: str) -> dict[str, Any]:
-        response = await self._post("/v1/chat/completions", body, request_id)
+        response = await self._send(self._chat_request(body, request_id, stream=False))
         if response.status_code >= 400:
             raise _error_from(response.content, response.status_code, self.name)
         result: dict[str, Any] = orjson.loads(response.content)
         return result
 
     async def open_chat_stream(self, body: dict[str, Any], *, request_id: str) -> ChatStream:
-        headers = {"content-type": "application/json", "x-request-id": request_id, "accept": "text/event-stream"}
-        inject(headers)
-        request = self.client.build_request("POST", "/v1/chat/completions", content=orjson.dumps(body),
-                                            headers=headers)
         try:
-            response = await self.client.send(request, stream=True)
+            response = await self.client.send(self._chat_request(body, request_id, stream=True), stream=True)
         except (httpx.TransportError, httpx.TimeoutException) as exc:
             raise self._unavailable(exc) from exc
         if response.status_code >= 400:

@@ -16,7 +16,7 @@ from typing import Any
 
 from coe.config import ExpertConfig
 from coe.dispatch import Dispatcher
-from coe.pipeline.graph import build_graph
+from coe.pipeline import graph
 from coe.pipeline.state import CallRecord, ChatCaller, Context, Options, State
 from coe.rag.gate import GateDecision
 from coe.rag.live import LiveGate
@@ -33,13 +33,12 @@ class Pipeline:
     def __init__(self, dispatcher: Dispatcher, telemetry: Telemetry = OFF) -> None:
         self.dispatcher = dispatcher
         self.telemetry = telemetry
-        self.graph = build_graph()
+        self.rounds = graph.build_rounds()
         self.gate = LiveGate()
         self._context: dict[tuple[str, str], int] = {}
 
     async def run(self, ctx: Context) -> State:
-        state: State = await self.graph.ainvoke({}, context=ctx, config={"recursion_limit": 64})
-        return state
+        return await graph.run(self.rounds, ctx)
 
     def context(self, registry: Registry, *, dispatcher: ChatCaller | None = None, **kwargs: Any) -> Context:
         """A run context wired to this pipeline's retrieval, similarity and context-length lookups,

@@ -147,13 +147,14 @@ class ChatPaths:
         self.explorer = explorer
 
     def finished(self, composed: Composed, request_id: str, run: State | None = None, *,
-                 stream: bool = False) -> None:
+                 field: dict[str, Any] | None = None, stream: bool = False) -> None:
         """A composed request's answer is complete: its log line, and its decision for the explorer
-        (live traffic only: a batch's items are not decisions anyone watches live)."""
+        (live traffic only: a batch's items are not decisions anyone watches live). ``field``: its ``coe``
+        field when the caller has built it already."""
         done = composed.run if run is None else run
         log_run(done, request_id)
-        if self.explorer is not None and not composed.staged:
-            self.explorer.record(coe_field(done, request_id), composed.messages, started=composed.started,
+        if self.explorer is not None and self.explorer.config.enabled and not composed.staged:
+            self.explorer.record(field or coe_field(done, request_id), composed.messages, started=composed.started,
                                  stream=stream)
 
     # -- a named expert ---------------------------------------------------------------------
@@ -235,8 +236,9 @@ class ChatPaths:
 
         def finish(call: ExpertCall) -> tuple[dict[str, Any], dict[str, Any] | None]:
             done = final_stage.merge(run, final_stage.answered(run, call, streamed=True))
-            self.finished(composed, request_id, done, stream=True)
-            return coe_field(done, request_id), usage_mod.add(c.usage for c in calls_of(done))
+            field = coe_field(done, request_id)
+            self.finished(composed, request_id, done, field=field, stream=True)
+            return field, usage_mod.add(c.usage for c in calls_of(done))
 
         names = ",".join(filter(None, [answered(run.get("calls", [])), opened.expert.name]))
         return Streamed(opened, finish, names)
@@ -248,8 +250,9 @@ class ChatPaths:
         """One whole chat completion, by a named expert or composed."""
         if body.model == ROUTED_MODEL:
             composed = await self.compose(body, request_id, session=session, staged=staged)
-            self.finished(composed, request_id)
-            return completion(composed.run, request_id)
+            response = completion(composed.run, request_id)
+            self.finished(composed, request_id, field=response["coe"])
+            return response
         return await self.direct(body, request_id, staged)
 
     async def execute(self, item: BatchItem, request_id: str,

@@ -80,15 +80,17 @@ class ChatServing:
             if streamed is not None:
                 return self._stream(streamed, body, "routed", started, request_id), streamed.opened.expert.name
         run = composed.run
-        self.paths.finished(composed, request_id, stream=bool(body.stream))
         names = answered(run.get("calls", []))
         by = run.get("answered_by") or ""
         if body.stream:
+            self.paths.finished(composed, request_id, stream=True)
             chunks = list(text_chunks(run, request_id, _client_usage(body)))
             return StreamingResponse(text_sse(self.runtime, chunks, "routed", started, by),
                                      media_type="text/event-stream",
                                      headers={"x-coe-experts": names, **SSE_HEADERS}), by
-        return Response(orjson.dumps(completion(run, request_id)), media_type="application/json",
+        response = completion(run, request_id)
+        self.paths.finished(composed, request_id, field=response["coe"])
+        return Response(orjson.dumps(response), media_type="application/json",
                         headers={"x-coe-experts": names or by}), by
 
 
