@@ -690,6 +690,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     load_start = os.getloadavg()
     base = load_registry(CONFIG)
+    if args.embedder:  # e.g. onnx-int8: the same router on another encoder, its accuracy cost measured
+        base = base.model_copy(update={"router": base.router.model_copy(update={"embedder": args.embedder})})
     expert_of = {c: e.name for e in base.experts for c in e.categories}
     cat_of = {e.name: e.categories[0] for e in base.experts if e.categories}
 
@@ -703,7 +705,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                           encoding="utf-8")
     embedder = shared_embedder(base.router.embedder)
     t0 = time.perf_counter()
-    cfg, fit_report = fit_on_train(base, train_file, WORK / "artifact", embedder, args.reuse_artifact)
+    artifact = WORK / ("artifact" if not args.embedder else f"artifact-{args.embedder}")
+    cfg, fit_report = fit_on_train(base, train_file, artifact, embedder, args.reuse_artifact)
     fit_wall = time.perf_counter() - t0
     classes = list(fit_report["classes"])
     held = [rows[i] for i in held_idx]
@@ -878,6 +881,8 @@ def print_summary(r: dict[str, Any], out: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--embedder", default=None, help="a name in coe.embed.EMBEDDERS instead of the example's "
+                    "(onnx); the artifact folder is per embedder")
     ap.add_argument("--single", type=int, default=300, help="single-decision latency samples per system")
     ap.add_argument("--batch", type=int, default=64, help="batch size of the throughput rounds")
     ap.add_argument("--reuse-artifact", action="store_true",
