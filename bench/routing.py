@@ -692,6 +692,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     base = load_registry(CONFIG)
     if args.embedder:  # e.g. onnx-int8: the same router on another encoder, its accuracy cost measured
         base = base.model_copy(update={"router": base.router.model_copy(update={"embedder": args.embedder})})
+    if args.level2_weight is not None:
+        base = base.model_copy(update={"router": base.router.model_copy(update={"level2_weight": args.level2_weight})})
     expert_of = {c: e.name for e in base.experts for c in e.categories}
     cat_of = {e.name: e.categories[0] for e in base.experts if e.categories}
 
@@ -881,6 +883,7 @@ def print_summary(r: dict[str, Any], out: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--level2-weight", type=float, default=None, help="router.level2_weight instead of the example's")
     ap.add_argument("--embedder", default=None, help="a name in coe.embed.EMBEDDERS instead of the example's "
                     "(onnx); the artifact folder is per embedder")
     ap.add_argument("--single", type=int, default=300, help="single-decision latency samples per system")
