@@ -138,9 +138,9 @@ class Explorer:
     async def publish(self) -> None:
         """Write the decisions recorded since the last publish into this replica's ring, then its load."""
         while self._pending:
-            entry = self._pending.popleft()
-            await self.store.put(DECISIONS, f"{self.replica}.{self._seq % self.config.decisions}", entry)
-            self._seq += 1
+            entry, slot = self._pending.popleft(), self._seq % self.config.decisions
+            self._seq += 1  # taken before the await: a concurrent publish (a page's read) gets the next slot
+            await self.store.put(DECISIONS, f"{self.replica}.{slot}", entry)
         load = {"replica": self.replica, "ts": time.time(), "started": self.started, **self.snapshot()}
         await self.store.put(REPLICAS, self.replica, load)
 
