@@ -33,6 +33,12 @@ What it does
   OTLP/HTTP to a sink process that discards them); ``bench/overhead_ab.py --candidate-args --tracing``
   sets it against tracing off side by side.
 
+- ``--redis`` puts coe's state store on a ``redis-server`` on loopback (started here); ``--virtual-key``
+  (implies it) turns client auth on and sends coe's requests with a virtual key (``coe.keys``; spec
+  ``--key-spec``, by default a requests-per-minute limit too high to reach), so every request pays the key
+  lookup (cached per process for 0.5 s) and the atomic Redis count. Side by side with auth off:
+  ``bench/overhead_ab.py --baseline-args=--redis --candidate-args=--virtual-key``.
+
 - ``--profile FILE`` runs coe under ``py-spy record --gil`` (pip install py-spy) and
   prints where coe's CPU goes, by bucket (PROFILE_BUCKETS) and by frame.
 
@@ -53,6 +59,7 @@ import random
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -293,12 +300,14 @@ def print_profile(p: dict[str, Any], coe_cpu_ms: float | None) -> None:
 
 # ---------------------------------------------------------------- load
 
+
 @dataclass
 class Target:
     name: str  # "direct" or "coe"
     url: str  # .../v1/chat/completions
     body: bytes
     stream_body: bytes
+    headers: dict[str, str] = field(default_factory=lambda: dict(HEADERS))
 
 
 @dataclass
@@ -317,7 +326,7 @@ async def one(client: httpx.AsyncClient, target: Target, stream: bool, seq: int,
     t0 = time.perf_counter()
     try:
         if not stream:
-            r = await client.post(target.url, content=target.body, headers=HEADERS)
+            r = await client.post(target.url, content=target.body, headers=target.headers)
             t1 = time.perf_counter()
             if r.status_code != 200 or b'"choices"' not in r.content:
                 out.errors.append(f"HTTP {r.status_code}: {r.text[:200]}")
@@ -328,7 +337,7 @@ async def one(client: httpx.AsyncClient, target: Target, stream: bool, seq: int,
         first: float | None = None
         done = False
         content_events = 0
-        async with client.stream("POST", target.url, content=target.stream_body, headers=HEADERS) as r:
+        async with client.stream("POST", target.url, content=target.stream_body, headers=target.headers) as r:
             if r.status_code != 200:
                 out.errors.append(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
                 return
@@ -507,13 +516,25 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             procs.append(sink)
             await wait_http(f"http://127.0.0.1:{sink_port}/health", sink, 60)
             telemetry = f"telemetry: {{enabled: true, endpoint: 'http://127.0.0.1:{sink_port}'}}\n"
+        store, auth, coe_env = "", "auth: {client_auth: false, admin_auth: false}\n", {}
+        if args.redis or args.virtual_key:
+            redis_port = free_port()
+            procs.append(Proc("redis", [shutil.which("redis-server") or "redis-server", "--port", str(redis_port),
+                                        "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], tmp))
+            for _ in range(100):  # until it accepts connections
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", redis_port), 0.2):
+                    break
+                await asyncio.sleep(0.1)
+            store = f"store: {{redis_url: 'redis://127.0.0.1:{redis_port}/0', embedded_worker: false}}\n"
+        if args.virtual_key:
+            auth = "auth: {client_auth: true, admin_auth: true}\n"
+            coe_env = {"COE_API_KEYS": "bench-static-key", "COE_ADMIN_KEY": "bench-admin-key"}
         registry = tmp / "experts.yaml"
         registry.write_text(
             "backends:\n"
             f"  up: {{url: {json.dumps(upstream_url)}}}\n"
             "experts:\n"
-            f"  - {{name: e1, backend: up, model: {json.dumps(model)}}}\n"
-            "auth: {client_auth: false, admin_auth: false}\n" + telemetry)
+            f"  - {{name: e1, backend: up, model: {json.dumps(model)}}}\n" + auth + store + telemetry)
         coe_port = free_port()
         coe_bin = Path(sys.executable).parent / "coe"
         coe_src = Path(args.coe_src) if args.coe_src else ROOT  # made absolute in parse_args
@@ -528,9 +549,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
             coe_cmd = [pyspy, "record", "--rate", str(args.profile_rate), "--format", "raw", "--gil",
                        "-o", args.profile, "--", *coe_cmd]
-        coe_proc = Proc("coe", coe_cmd, tmp, wrapped=bool(args.profile), cwd=coe_src)
+        coe_proc = Proc("coe", coe_cmd, tmp, env=coe_env, wrapped=bool(args.profile), cwd=coe_src)
         procs.append(coe_proc)
         await wait_http(f"http://127.0.0.1:{coe_port}/health/ready", coe_proc, 120)
+        coe_headers = dict(HEADERS)
+        if args.virtual_key:
+            async with httpx.AsyncClient(timeout=30) as admin:
+                made = await admin.post(f"http://127.0.0.1:{coe_port}/v1/keys", json=json.loads(args.key_spec),
+                                        headers={"authorization": f"Bearer {coe_env['COE_ADMIN_KEY']}"})
+                made.raise_for_status()
+                coe_headers["authorization"] = f"Bearer {made.json()['secret']}"
 
         extra: dict[str, Any] = {"ignore_eos": True} if label == "vllm" else {}
 
@@ -541,7 +569,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
         targets = {
             "direct": Target("direct", f"{upstream_url}/chat/completions", *bodies(model)),
-            "coe": Target("coe", f"http://127.0.0.1:{coe_port}/v1/chat/completions", *bodies(args.coe_model)),
+            "coe": Target("coe", f"http://127.0.0.1:{coe_port}/v1/chat/completions", *bodies(args.coe_model),
+                          headers=coe_headers),
         }
         max_conc = max(args.concurrency)
         limits = httpx.Limits(max_connections=4 * max_conc, max_keepalive_connections=4 * max_conc)
@@ -725,6 +754,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tracing", action="store_true",
                    help="coe traces every request (telemetry on), exporting over OTLP/HTTP to a sink process "
                    "that discards the spans; its CPU counts as ours")
+    p.add_argument("--redis", action="store_true", help="coe's state store on a redis-server on loopback")
+    p.add_argument("--virtual-key", action="store_true",
+                   help="client auth on; coe's requests carry a virtual key (implies --redis)")
+    p.add_argument("--key-spec", default='{"name": "bench", "rpm": 1000000000}',
+                   help="the virtual key's POST /v1/keys body (JSON)")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="run coe under 'py-spy record --gil --format raw' writing collapsed stacks to FILE")
     p.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")

@@ -352,6 +352,10 @@ def _parser(extend: Extend | None = None) -> argparse.ArgumentParser:
 
     add_batch_commands(sub, command)
 
+    from coe.cli_keys import add_commands as add_keys_commands
+
+    add_keys_commands(sub)
+
     models = sub.add_parser("models", help="build local models offline").add_subparsers(
         dest="models_command", required=True, metavar="SUBCOMMAND")
     tiny = command(models.add_parser("build-tiny", help="a tiny random Llama (+ LoRA adapters) for tests"),

@@ -24,6 +24,7 @@ errors (httpx, pydantic, yaml, redis) are mapped to these at the boundary with
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -108,6 +109,27 @@ class BackendUnavailable(CoeError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
+
+
+class RateLimited(CoeError):
+    """A virtual key is over one of its limits (requests, tokens per minute, budget): 429 with
+    ``Retry-After`` (when the limit frees up by itself) and OpenAI's ``x-ratelimit-*`` headers."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float | None, limit_headers: Mapping[str, str],
+                 code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+        self.limit_headers = dict(limit_headers)
+
+    def headers(self) -> dict[str, str]:
+        out = dict(self.limit_headers)
+        if self.retry_after is not None:
+            out["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+        return out
 
 
 class UpstreamError(CoeError):

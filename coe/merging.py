@@ -153,8 +153,8 @@ async def merge_and_register(registry: RegistryManager, pool: BackendPool, name:
                              description: str | None = None) -> tuple[ExpertConfig, dict[str, Any]]:
     """``POST /v1/experts/merge``: merge off the event loop under the new adapter's lock, then register
     (which loads it into vLLM). A failed registration removes the folder, so a retry starts clean.
-    The lock is per process today (``BackendRuntime.adapter_lock``); across replicas, the output folder
-    appearing by one rename is what keeps two merges of one name from both winning."""
+    The lock (``BackendRuntime.adapter_lock``) holds across the replicas of one Redis store; the output
+    folder appearing by one rename still keeps two merges of one name from both winning without one."""
     current = registry.current
     plan = plan_merge(current.config, current.experts, name, sources, spec, require_root=True,
                       system_prompt=system_prompt, description=description)

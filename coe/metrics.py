@@ -61,6 +61,12 @@ class Metrics:
         self.queue_wait = Histogram("coe_dispatch_wait_seconds", "Time an expert call waited for a backend slot",
                                     ["expert"], registry=r,
                                     buckets=(0.001, 0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
+        # Virtual keys (``coe.keys``): labelled by the key's name, which an admin chose; never its secret.
+        self.key_requests = Counter("coe_key_requests_total", "Requests by virtual key and outcome (admitted, "
+                                    "limited)", ["key", "outcome"], registry=r)
+        self.key_tokens = Counter("coe_key_tokens_total", "Tokens used by virtual key", ["key"], registry=r)
+        self.key_cost = Counter("coe_key_cost_usd_total", "Spend by virtual key at the experts' prices", ["key"],
+                                registry=r)
 
     def record_usage(self, expert: str, usage: dict[str, int] | None, cost: float | None) -> None:
         if usage:

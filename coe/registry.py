@@ -7,6 +7,14 @@
   expert with the same name as an overlay expert wins; the overlay one is hidden
   (and logged) until the file stops naming it.
 - Each snapshot (``Registry``) is immutable; requests keep the one they started with.
+- Several replicas on one store behave as one service: each polls the overlay every
+  ``overlay_poll_s`` (0.25 s) and takes any change another replica wrote, so an expert
+  registered or deleted through one replica is served or refused by all within
+  ``overlay_poll_s`` plus one store round trip (well under 1 s). Polling, not Redis pub/sub
+  or keyspace notifications: a message published while a replica is reconnecting is lost,
+  so pub/sub would need this poll as a fallback anyway; the overlay is small (one HGETALL
+  per poll, a few commands per second per replica); and the in-memory store (one process)
+  needs no second mechanism.
 - coe unloads an adapter only when it loaded it (for an API expert) and the last
   expert using it is removed; adapters the server already served are left alone.
 """
@@ -77,10 +85,12 @@ class RegistryManager:
     def __init__(self, path: Path, store: StateStore, dispatcher: Dispatcher, metrics: Metrics,
                  *, router_factory: RouterFactory, poll_interval_s: float = 1.0,
                  on_reload: Callable[[Registry], None] | None = None,
-                 backends: Callable[[RegistryConfig], Awaitable[None]] | None = None) -> None:
+                 backends: Callable[[RegistryConfig], Awaitable[None]] | None = None,
+                 overlay_poll_s: float = 0.25) -> None:
         """``on_reload`` sees each new snapshot before it takes effect; raising ConfigError refuses it.
         ``backends`` applies a new config's backends and dispatch settings (default: all of them, through
-        ``Dispatcher.configure``; the runtime narrows it for a process that needs only some)."""
+        ``Dispatcher.configure``; the runtime narrows it for a process that needs only some).
+        ``overlay_poll_s``: how often the stored API experts are re-read (other replicas' changes)."""
         self.path = path
         self.store = store
         self.dispatcher = dispatcher
@@ -97,6 +107,9 @@ class RegistryManager:
         self._router_cache: tuple[bytes, Router] | None = None
         self._lock = asyncio.Lock()
         self._watch: asyncio.Task[None] | None = None
+        self.overlay_poll_s = overlay_poll_s
+        self._overlay_digest = b""
+        self._overlay_watch: asyncio.Task[None] | None = None
         self.last_error: str | None = None
 
     @property
@@ -155,17 +168,59 @@ class RegistryManager:
         self._fingerprint = _fingerprint(self.path)
         self._digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
         config = config if config is not None else load_registry(self.path)
-        for name, doc in (await self._stored_overlay()).items():
+        self._take_overlay(await self._stored_overlay())
+        await self._apply(config)
+        if watch:
+            self._watch = asyncio.create_task(self._watch_loop(), name="coe-registry-watch")
+            self._overlay_watch = asyncio.create_task(self._overlay_loop(), name="coe-registry-overlay")
+        return self.current
+
+    def _take_overlay(self, docs: dict[str, dict[str, Any]]) -> None:
+        """Make the stored API experts ``docs`` this process's overlay (not yet a snapshot)."""
+        overlay: dict[str, ExpertConfig] = {}
+        for name, doc in docs.items():
             try:
-                expert = self._overlay[name] = ExpertConfig.model_validate(doc.get("expert"))
+                expert = overlay[name] = ExpertConfig.model_validate(doc.get("expert"))
                 if doc.get("owns_adapter") and expert.adapter is not None:
                     self._owned.add((expert.backend, expert.adapter.name))
             except ValidationError as exc:
                 log.error("stored API expert %s is invalid and ignored: %s", name, exc)
-        await self._apply(config)
-        if watch:
-            self._watch = asyncio.create_task(self._watch_loop(), name="coe-registry-watch")
-        return self.current
+        self._overlay = overlay
+        self._overlay_digest = orjson.dumps(docs, option=orjson.OPT_SORT_KEYS)
+
+    async def sync_overlay(self) -> bool:
+        """Take the API experts other replicas registered or deleted since the last look. True when the
+        served registry changed. Read under the lock, so a registration in flight here is never undone by
+        a read made before its write."""
+        async with self._lock:
+            docs = await self.store.items(OVERLAY)
+            if orjson.dumps(docs, option=orjson.OPT_SORT_KEYS) == self._overlay_digest:
+                return False
+            before = set(self._overlay)
+            self._take_overlay(docs)
+            self._current = self._snapshot(self.current.config)
+            added, removed = set(self._overlay) - before, before - set(self._overlay)
+            if added or removed:
+                log.info("API experts changed in the store: added %s, removed %s",
+                         ", ".join(sorted(added)) or "none", ", ".join(sorted(removed)) or "none")
+            return True
+
+    async def _overlay_loop(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(self.overlay_poll_s)
+            try:
+                await self.sync_overlay()
+                if failing:
+                    log.info("API experts are read from the store again")
+                failing = False
+            except StoreError as exc:  # Redis restarting: keep serving what we have, look again soon
+                if not failing:  # once per outage, not four times a second
+                    log.warning("could not read API experts from the store (serving the last ones read): %s",
+                                exc.message)
+                failing = True
+            except Exception:
+                log.exception("API expert sync failed")
 
     async def _stored_overlay(self, wait_s: float = 60.0) -> dict[str, dict[str, Any]]:
         """The API experts in the store. A store that does not answer yet (Redis restarting while replicas
@@ -287,6 +342,7 @@ class RegistryManager:
             if not await self.store.put_if_absent(OVERLAY, expert.name, doc):
                 raise Conflict(f"an expert named {expert.name!r} already exists (source: api)", param="name")
             self._overlay[expert.name] = expert
+            self._overlay_digest = b""  # the store changed here: the next poll must compare afresh
             if owns and expert.adapter is not None:
                 self._owned.add((expert.backend, expert.adapter.name))
             self._current = self._snapshot(current.config)
@@ -304,6 +360,7 @@ class RegistryManager:
             expert = current.experts[name]
             await self.store.delete(OVERLAY, name)
             self._overlay.pop(name, None)
+            self._overlay_digest = b""  # e.g. another replica may re-register it before the next poll
             self._current = self._snapshot(current.config)
             await self._unload_if_unused(expert)
             log.info("unregistered API expert %s", name)
@@ -328,7 +385,8 @@ class RegistryManager:
             log.warning("could not unload adapter %s from %s: %s", adapter, expert.backend, exc)
 
     async def aclose(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        for task in (self._watch, self._overlay_watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task

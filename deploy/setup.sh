@@ -5,7 +5,7 @@
 #   - installs torch==2.13.0+cpu FIRST (never the CUDA build), then `pip install -e '.[cpu,models,router,dev]'`
 #   - removes torchvision/torchaudio/torchcodec (CUDA builds from PyPI that break `import vllm`)
 #   - checks `import vllm, torch`
-#   - installs redis-server and chromium with apt-get when missing (tests that need them skip otherwise)
+#   - installs redis-server, chromium and haproxy with apt-get when missing (tests that need them skip otherwise)
 #
 # A stamp in .venv (hash of pyproject.toml + this script + the venv's python) makes a second run a
 # fast no-op.
@@ -97,6 +97,7 @@ install_apt() {
 system_tools() {
     install_apt redis-server redis-server "the tests marked 'redis' will skip (macOS: brew install redis)"
     install_apt chromium chromium "the routing explorer's browser tests (marked 'browser') will skip"
+    install_apt haproxy haproxy "the multi-replica tests (tests/test_replicas.py) will skip"
 }
 
 # --- 1. the virtualenv --------------------------------------------------------------------------

@@ -12,12 +12,14 @@ category is confident enough (``router.topic_change``).
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from coe.config import RegistryConfig
 from coe.embed import Embedder
@@ -111,11 +113,26 @@ class SessionEntry:
     expires: float
 
 
+log = logging.getLogger("coe.routers")
+
+SESSIONS_NAMESPACE = "sessions"
+
+
+class SharedSessions(Protocol):
+    """Where replicas share sessions: a ``coe.store.StateStore`` (routers do not import the store)."""
+
+    async def put_expiring(self, namespace: str, key: str, doc: dict[str, Any], ttl_s: float) -> None: ...
+
+    async def get_expiring(self, namespace: str, key: str) -> dict[str, Any] | None: ...
+
+
 class Sessions:
     """Which experts each session was given: an LRU with a time-to-live, safe across threads.
 
-    In-process: a conversation is kept on its experts by the replica that serves it
-    (sticky sessions at the load balancer keep that true across replicas).
+    With ``shared`` (the state store, set by the runtime through ``share``), ``aget``/``aput`` keep a
+    session in the store with the same time-to-live, so any replica routing the conversation's next turn
+    keeps its experts: no sticky balancing needed. The session key is hashed (a ``user`` field is any
+    string). A store that fails is logged and the in-process copy answers, so routing never fails on it.
     """
 
     def __init__(self, ttl_s: float, max_entries: int = MAX_SESSIONS) -> None:
@@ -123,6 +140,38 @@ class Sessions:
         self.max_entries = max_entries
         self._entries: OrderedDict[str, SessionEntry] = OrderedDict()
         self._lock = threading.Lock()
+        self.shared: SharedSessions | None = None
+
+    def share(self, shared: SharedSessions | None) -> None:
+        self.shared = shared
+
+    @staticmethod
+    def _store_key(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    async def aget(self, key: str) -> SessionEntry | None:
+        if self.shared is None:
+            return self.get(key)
+        try:
+            doc = await self.shared.get_expiring(SESSIONS_NAMESPACE, self._store_key(key))
+        except Exception as exc:  # the store's errors, or a store without expiring documents
+            log.warning("sessions: the shared store did not answer (%s); using this replica's copy", exc)
+            return self.get(key)
+        if doc is None:
+            return None
+        category = doc.get("category")
+        return SessionEntry(category if isinstance(category, str) else None,
+                            [str(e) for e in doc.get("experts") or []], time.monotonic() + self.ttl_s)
+
+    async def aput(self, key: str, category: str | None, experts: list[str]) -> None:
+        self.put(key, category, experts)
+        if self.shared is None:
+            return
+        try:
+            await self.shared.put_expiring(SESSIONS_NAMESPACE, self._store_key(key),
+                                           {"category": category, "experts": experts}, self.ttl_s)
+        except Exception as exc:
+            log.warning("sessions: could not share session state (%s); kept in this replica only", exc)
 
     def get(self, key: str) -> SessionEntry | None:
         now = time.monotonic()

@@ -71,7 +71,7 @@ class TwoLevelRouter(Router):
             skills_override = None
             if self.config.skills.mode == "annotator":
                 skills_override = await self._annotate(request, experts)
-            decisions.append(self._decide(request, result, experts, skills_override))
+            decisions.append(await self._decide(request, result, experts, skills_override))
         return decisions
 
     # -- steps --------------------------------------------------------------------------
@@ -92,8 +92,8 @@ class TwoLevelRouter(Router):
             log.warning("annotator failed, using embedding skills instead: %s", exc)
             return None
 
-    def _decide(self, request: RouteRequest, result: Level1Result | None, experts: Sequence[ExpertConfig],
-                skills_override: list[tuple[str, float]] | None) -> RoutingDecision:
+    async def _decide(self, request: RouteRequest, result: Level1Result | None, experts: Sequence[ExpertConfig],
+                      skills_override: list[tuple[str, float]] | None) -> RoutingDecision:
         rc = self.config
         generalist = rc.generalist if any(e.name == rc.generalist for e in experts) else None
         specialists = [e for e in experts if e.name != generalist]
@@ -143,7 +143,8 @@ class TwoLevelRouter(Router):
         if fallback and generalist not in recruited:
             recruited.append(str(generalist))
         reason = self._reason(category, confidence, confident, skills, k, beta, use_level2)
-        recruited, category, reason = self._session(request, recruited, category, confidence, reason, names)
+        recruited, category, reason = await self._session(request, recruited, category, confidence, reason,
+                                                          names)
         candidates = ranked(experts)[:CANDIDATES]
         return RoutingDecision(
             router=self.name,
@@ -199,21 +200,23 @@ class TwoLevelRouter(Router):
             parts.append("level 2 off for this request")
         return "; ".join(parts)
 
-    def _session(self, request: RouteRequest, recruited: list[str], category: str | None,
-                 confidence: float | None, reason: str, names: list[str]) -> tuple[list[str], str | None, str]:
-        """Keep a session on its experts unless the topic clearly changed."""
+    async def _session(self, request: RouteRequest, recruited: list[str], category: str | None,
+                       confidence: float | None, reason: str, names: list[str]
+                       ) -> tuple[list[str], str | None, str]:
+        """Keep a session on its experts unless the topic clearly changed (shared by replicas when the
+        runtime gave ``sessions`` the store)."""
         if not request.session:
             return recruited, category, reason
-        previous = self.sessions.get(request.session)
+        previous = await self.sessions.aget(request.session)
         if previous is not None and previous.category != category:
             strong = confidence is not None and confidence >= self.config.topic_change
             kept = [n for n in previous.experts if n in names]
             if not strong and kept:
-                self.sessions.put(request.session, previous.category, kept)
+                await self.sessions.aput(request.session, previous.category, kept)
                 return kept, previous.category, (f"session kept its experts (new category {category!r} at "
                                                  f"{confidence or 0:.3f} < topic_change "
                                                  f"{self.config.topic_change:g}); {reason}")
-        self.sessions.put(request.session, category, recruited)
+        await self.sessions.aput(request.session, category, recruited)
         return recruited, category, reason
 
 

@@ -74,6 +74,9 @@ class Counting(StateStore):
     async def count(self, namespace: str) -> int:
         return await self.inner.count(namespace)
 
+    async def add_counters(self, namespace: str, counters: Any, *, now: float | None = None) -> Any:
+        return await self.inner.add_counters(namespace, counters, now=now)
+
     async def ping(self) -> None:
         await self.inner.ping()
 

@@ -79,9 +79,9 @@ async def run_both(rt: Runtime, options: Options, *, stream: bool = False) -> li
                       for s in spans.values())
         field = coe_field(state, "same-id")
         body = None if stream else completion(state, "same-id")
-        out.append((scrub({"field": field, "body": body, "final": [type(state.get("final")).__name__, dataclasses.asdict(state["final"])
-                                                          if "final" in state else None]}), tree,
-                    counters(metrics)))
+        final = [type(state.get("final")).__name__,
+                 dataclasses.asdict(state["final"]) if "final" in state else None]
+        out.append((scrub({"field": field, "body": body, "final": final}), tree, counters(metrics)))
         provider.shutdown()
     return out
 

@@ -499,3 +499,79 @@ def test_unknown_scheme_is_a_config_error(cfg_url: str | None, env: dict[str, st
 def test_importing_coe_store_does_not_import_redis() -> None:
     code = "import sys, coe.store; assert 'redis' not in sys.modules, 'redis imported'"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, ENV_URL: ""})
+
+
+# Counters (``add_counters``): the atomic step under virtual keys' limits (``coe.keys.limits``).
+
+async def test_counters_sliding_window_admits_exactly_limit_in_any_window(store: StateStore) -> None:
+    from coe.store.base import Counter
+    c = Counter("k:req", 1, limit=3, sliding_s=60)
+    t0 = 1_000_000.0
+    got = [(await store.add_counters("ctr", [c], now=t0 + i)).admitted for i in range(5)]
+    assert got == [True, True, True, False, False]
+    refused = await store.add_counters("ctr", [c], now=t0 + 59.5)  # a fixed minute would have reset by now
+    assert not refused.admitted and refused.retry_after_s == pytest.approx(0.5, abs=0.01)
+    assert (await store.add_counters("ctr", [c], now=t0 + 60.01)).admitted  # the first one left the window
+    assert not (await store.add_counters("ctr", [c], now=t0 + 60.5)).admitted
+
+
+async def test_counters_are_all_or_nothing_and_reconcile_down(store: StateStore) -> None:
+    from coe.store.base import Counter
+    ok = await store.add_counters("ctr", [Counter("a", 5, limit=10, ttl_s=60), Counter("b", 0.25, limit=1.0)])
+    assert ok.admitted and ok.values == [5.0, 0.25]
+    refused = await store.add_counters("ctr", [Counter("a", 1, limit=10, ttl_s=60), Counter("b", 0.8, limit=1.0)])
+    assert not refused.admitted and refused.values == [5.0, 0.25]  # neither counter moved
+    assert refused.retry_after_s is None  # "b" has no window: it never frees up by itself
+    down = await store.add_counters("ctr", [Counter("a", -3, limit=10), Counter("b", -0.125)])
+    assert down.admitted and down.values == [2.0, 0.125]
+
+
+async def test_counters_fixed_window_expires(store: StateStore) -> None:
+    from coe.store.base import Counter
+    c = Counter("w", 2, limit=2, ttl_s=0.3)
+    assert (await store.add_counters("ctr", [c])).admitted
+    refused = await store.add_counters("ctr", [c])
+    assert not refused.admitted and 0 < (refused.retry_after_s or 0) <= 0.3
+    await asyncio.sleep(0.35)
+    assert (await store.add_counters("ctr", [c])).admitted
+
+
+async def test_counters_concurrent_adders_never_pass_the_limit(store: StateStore) -> None:
+    from coe.store.base import Counter
+    c = Counter("n", 1, limit=25, sliding_s=60)
+    results = await asyncio.gather(*(store.add_counters("ctr", [c]) for _ in range(60)))
+    assert sum(r.admitted for r in results) == 25
+
+
+async def test_leases_are_exclusive_fenced_and_expire(store: StateStore) -> None:
+    """``acquire_lease``/``release_lease`` (the cross-process adapter lock): one holder at a time, a larger
+    fencing token for each later holder, only the holder releases, and a lease nobody releases expires."""
+    first = await store.acquire_lease("adapter:x", "a", 5.0)
+    assert first is not None
+    assert await store.acquire_lease("adapter:x", "b", 5.0) is None
+    assert await store.acquire_lease("adapter:y", "b", 5.0) is not None  # other names are independent
+    assert not await store.release_lease("adapter:x", "b")
+    assert await store.release_lease("adapter:x", "a")
+    assert not await store.release_lease("adapter:x", "a")
+    second = await store.acquire_lease("adapter:x", "b", 0.2)
+    assert second is not None and second > first
+    await asyncio.sleep(0.3)  # b "crashed": its lease runs out by itself
+    third = await store.acquire_lease("adapter:x", "c", 5.0)
+    assert third is not None and third > second
+    assert not await store.release_lease("adapter:x", "b")  # b's release after expiry finds c's lease
+    assert await store.release_lease("adapter:x", "c")
+
+
+async def test_expiring_documents_expire_and_stay_apart(store: StateStore) -> None:
+    """``put_expiring``/``get_expiring`` (conversation sessions shared by replicas): read back until the
+    time-to-live runs out, renewed by each write, and invisible to the namespace's ordinary documents."""
+    await store.put_expiring("sessions", "s1", {"experts": ["law"]}, 0.4)
+    assert await store.get_expiring("sessions", "s1") == {"experts": ["law"]}
+    assert await store.get("sessions", "s1") is None and await store.count("sessions") == 0
+    await asyncio.sleep(0.25)
+    await store.put_expiring("sessions", "s1", {"experts": ["math"]}, 0.4)  # a new turn renews it
+    await asyncio.sleep(0.25)
+    assert await store.get_expiring("sessions", "s1") == {"experts": ["math"]}
+    await asyncio.sleep(0.3)
+    assert await store.get_expiring("sessions", "s1") is None
+    assert await store.get_expiring("sessions", "never") is None

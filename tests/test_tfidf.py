@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_matches_scikit_learn() -> None:
-    rows = [json.loads(line) for line in (ROOT / "examples/mmlu/mmlu_dev.jsonl").read_text().splitlines()[:800]]
-    texts = [r["question"] for r in rows]
+    lines = (ROOT / "examples/mmlu/mmlu_dev.jsonl").read_text().splitlines()
+    texts = [json.loads(line)["question"] for line in lines[:800]]
     ours = Tfidf.fit(texts, min_df=2)
     theirs = TfidfVectorizer(lowercase=True, token_pattern=r"[a-z0-9]+", ngram_range=(1, 2), min_df=2,
                              sublinear_tf=True, smooth_idf=True, norm="l2", dtype=np.float64)
@@ -27,8 +27,7 @@ def test_matches_scikit_learn() -> None:
     assert set(ours.vocab) == set(vocab) and len(vocab) > 2000
     order = np.array([vocab[t] for t in sorted(ours.vocab, key=ours.vocab.__getitem__)])
     np.testing.assert_allclose(ours.idf, theirs.idf_[order], rtol=1e-6)
-    held_out = [r["question"] for r in
-                (json.loads(line) for line in (ROOT / "examples/mmlu/mmlu_dev.jsonl").read_text().splitlines()[800:900])]
+    held_out = [json.loads(line)["question"] for line in lines[800:900]]
     other = theirs.transform(held_out).tocsr()
     for i, text in enumerate([*texts[:200], *held_out]):
         row = matrix[i] if i < 200 else other[i - 200]

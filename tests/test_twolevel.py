@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from redis_server import RedisServer, redis_server_fixture
 
 from coe.config import ExpertConfig, RegistryConfig
 from coe.embed import shared_embedder
@@ -185,6 +186,40 @@ def test_a_session_keeps_its_experts_until_the_topic_clearly_changes(
     assert other.category != "law" or other.names() != first.names()
     moved = ask(router, cfg, "What is the derivative of x^3 + 2x?", session="s-1")
     assert moved.confidence >= cfg.router.topic_change and moved.experts[0].name == "math"
+
+
+redis_server = redis_server_fixture(scope="module")
+
+
+@pytest.mark.redis
+async def test_a_session_keeps_its_experts_whichever_replica_routes_it(
+        router: TwoLevelRouter, cfg: RegistryConfig, redis_server: RedisServer) -> None:
+    """Two replicas' routers (the module's fitted classifier) sharing sessions through one real Redis, as
+    the runtime sets them up (``Runtime._make_router``): a conversation routed to law by one is kept on
+    its experts by the other for a vague follow-up that alone would not route there."""
+    from coe.store.redis import RedisStore
+
+    prefix = f"sess{random.randrange(10**6)}"
+    stores = [RedisStore.from_url(redis_server.url, prefix=prefix) for _ in range(2)]
+    one, two = make_router(cfg), make_router(cfg)  # load the fixture's artifact: same classifier
+    assert isinstance(one, TwoLevelRouter) and isinstance(two, TwoLevelRouter)
+    one.sessions.share(stores[0])
+    two.sessions.share(stores[1])
+
+    def turn(text: str, session: str | None) -> RouteRequest:
+        return RouteRequest(messages=[{"role": "user", "content": text}], session=session)
+
+    try:
+        first = await one.route(turn("Is a contract signed under duress enforceable?", "r-1"), cfg.experts)
+        assert first.experts[0].name == "law"
+        vague = "Can you explain that more simply?"
+        alone = await two.route(turn(vague, None), cfg.experts)
+        assert alone.category != "law" or alone.names() != first.names()
+        kept = await two.route(turn(vague, "r-1"), cfg.experts)  # the other replica, only the key
+        assert kept.names() == first.names() and kept.category == "law" and "session kept" in kept.reason
+    finally:
+        for store in stores:
+            await store.close()
 
 
 def test_top_k_is_deterministic_and_k_stays_within_bounds(cfg: RegistryConfig) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from coe.backends.adapter_lock import AdapterLock, Leases
 from coe.backends.base import ExpertBackend
 from coe.backends.launch import ManagedVLLM
 from coe.backends.machine_lock import MachineLock
@@ -49,11 +50,16 @@ class BackendRuntime:
     base_url: str
     healthy: bool | None = None
     base_adapter: str | None = None
-    adapter_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    adapter_locks: dict[str, AdapterLock] = field(default_factory=dict)
+    leases: Leases | None = None
 
-    def adapter_lock(self, adapter: str) -> asyncio.Lock:
-        """One lock per adapter name: loads and unloads of one adapter never interleave."""
-        return self.adapter_locks.setdefault(adapter, asyncio.Lock())
+    def adapter_lock(self, adapter: str) -> AdapterLock:
+        """One lock per adapter name: loads and unloads of one adapter never interleave, in this process
+        and (through ``leases``, the state store) in every process that uses the same server."""
+        lock = self.adapter_locks.get(adapter)
+        if lock is None:
+            lock = self.adapter_locks[adapter] = AdapterLock(self.base_url, adapter, self.leases)
+        return lock
 
     @property
     def state(self) -> str:
@@ -75,8 +81,11 @@ class BackendRuntime:
 
 class BackendPool:
     def __init__(self, *, transport_factory: TransportFactory | None = None, python: str = sys.executable,
-                 health_interval_s: float = 2.0, on_demand_lock: Path | None = None) -> None:
+                 health_interval_s: float = 2.0, on_demand_lock: Path | None = None,
+                 leases: Leases | None = None) -> None:
+        """``leases``: the state store, for adapter locks shared with other coe processes."""
         self._transport_factory = transport_factory
+        self._leases = leases
         self._python = python
         self._health_interval_s = health_interval_s
         self._backends: dict[str, BackendRuntime] = {}
@@ -115,7 +124,7 @@ class BackendPool:
         client = make_client(root, cfg.timeouts, self._api_key(name, cfg), cfg.max_concurrency, transport)
         return BackendRuntime(name=name, config=cfg, api=VLLMBackend(name, client), managed=managed,
                               base_url=root,
-                              base_adapter=cfg.base_adapter)
+                              base_adapter=cfg.base_adapter, leases=self._leases)
 
     def set_health_interval(self, seconds: float) -> None:
         self._health_interval_s = seconds

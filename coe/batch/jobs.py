@@ -212,8 +212,11 @@ class BatchJobs(BatchFiles):
         batch = await self.store.get(BATCHES, batch_id)
         return dict((batch or {}).get("trace") or {})
 
-    async def list_batches(self, limit: int = 20, after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
-        ids = sorted((await self.store.items(BATCHES)).values(), key=lambda b: (-int(b["created_at"]), b["id"]))
+    async def list_batches(self, limit: int = 20, after: str | None = None, *, only: Collection[str] | None = None
+                           ) -> tuple[list[dict[str, Any]], bool]:
+        """``only``: list just these batch ids (a key's own), before paging."""
+        ids = sorted((b for b in (await self.store.items(BATCHES)).values() if only is None or b["id"] in only),
+                     key=lambda b: (-int(b["created_at"]), b["id"]))
         if after is not None:
             keys = [b["id"] for b in ids]
             ids = ids[keys.index(after) + 1:] if after in keys else []

@@ -32,6 +32,7 @@ from coe.batch.worker import BatchWorker
 from coe.config import BackendConfig, RegistryConfig
 from coe.dispatch import Dispatcher
 from coe.errors import BackendUnavailable
+from coe.keys.batches import metered
 from coe.loader import load_registry
 from coe.metrics import Metrics
 from coe.pipeline import Pipeline
@@ -43,7 +44,9 @@ from coe.store.base import StateStore
 from coe.telemetry import OFF, Telemetry
 from coe.telemetry.setup import open_telemetry
 from routers import make_router
+from routers.base import Completer, Router
 from routers.baseline import DefaultRouter
+from routers.level1 import Sessions
 
 log = logging.getLogger("coe.runtime")
 
@@ -58,7 +61,8 @@ class Runtime:
     ``log_tag``: a managed vLLM's default log file becomes ``<backend>.<tag>.log``, so that ``coe batch run``
     or a worker on the machine of a ``coe serve`` does not write into the server's vLLM log; ``telemetry``:
     where spans go (None: as the registry's ``telemetry:`` section and ``OTEL_*`` say; closed with the
-    runtime only then)."""
+    runtime only then); ``explorer``: record routed decisions and publish this process's load for the
+    routing explorer (``/ui``; a server does, a CLI command or worker does not)."""
 
     def __init__(self, config_path: str | Path, *, config: RegistryConfig | None = None,
                  store: StateStore | None = None, transport_factory: TransportFactory | None = None,
@@ -115,10 +119,10 @@ class Runtime:
         self.telemetry = self._telemetry or open_telemetry(initial.telemetry)
         self.store = self._store or open_store(initial.store)
         self.pool = BackendPool(transport_factory=self._transport_factory,
-                                health_interval_s=initial.dispatch.health_interval_s)
+                                health_interval_s=initial.dispatch.health_interval_s, leases=self.store)
         self.dispatcher = Dispatcher(self.pool, initial.dispatch, self.metrics, self.telemetry)
         self.registry = RegistryManager(self.config_path, self.store, self.dispatcher, self.metrics,
-                                        router_factory=make_router if self._routing else DefaultRouter,
+                                        router_factory=self._make_router if self._routing else DefaultRouter,
                                         poll_interval_s=self.poll_interval_s,
                                         on_reload=self._on_reload, backends=self._configure)
         self.pipeline = Pipeline(self.dispatcher, self.telemetry)
@@ -233,6 +237,15 @@ class Runtime:
     async def _configure(self, config: RegistryConfig) -> None:
         await self.dispatcher.configure(config.dispatch, self.backend_configs(config))
 
+    def _make_router(self, config: RegistryConfig, complete: Completer | None) -> Router:
+        """``make_router``, with conversation sessions kept in a durable (shared) store, so that replicas
+        keep a session on its experts whichever of them routes the next turn."""
+        router = make_router(config, complete)
+        sessions = getattr(router, "sessions", None)
+        if isinstance(sessions, Sessions) and self.store.durable:
+            sessions.share(self.store)
+        return router
+
     async def wait_ready(self, backends: Collection[str], timeout_s: float) -> None:
         """Until every named backend is healthy; on-demand ones are skipped (their batch wave starts them).
         A backend that failed to start, or the timeout, raises ``BackendUnavailable`` naming them."""
@@ -264,7 +277,8 @@ class Runtime:
         cfg = initial.store
         runner = WaveRunner(self.dispatcher, models=self.pool, metrics=self.metrics,
                             concurrency=cfg.worker_concurrency)
-        self.worker = BatchWorker(self.jobs, self.chat.execute, runner, window=cfg.batch_window,
+        execute = metered(self.chat.execute, self.store)  # items count against the key that submitted them
+        self.worker = BatchWorker(self.jobs, execute, runner, window=cfg.batch_window,
                                   claim_idle_s=cfg.claim_idle_s, drain_s=10.0)
         while not self._worker_stop.is_set():
             try:

@@ -18,6 +18,8 @@ import asyncio
 import functools
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar
 
@@ -104,6 +106,34 @@ def decode(namespace: str, key: str, raw: bytes | str) -> dict[str, Any]:
     return doc
 
 
+@dataclass(frozen=True)
+class Counter:
+    """One counter of an atomic ``StateStore.add_counters`` step (rate limits, token limits, budgets).
+
+    ``add`` is added when the step is admitted; ``limit``: the step is refused when this counter would go
+    above it (only a positive ``add`` can be refused, so reconciling down always lands). A counter is either
+    a number that expires ``ttl_s`` after it was created (a fixed window or a budget period; None: kept),
+    or, with ``sliding_s``, a log of events of which only those in the last ``sliding_s`` seconds count
+    (``add`` is then a whole number of events)."""
+
+    key: str
+    add: float
+    limit: float | None = None
+    ttl_s: float | None = None
+    sliding_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Counted:
+    """What ``add_counters`` did: ``admitted``, each counter's value after the step (before it, when
+    refused) in the order given, and when refused the seconds until the refusing counter has room
+    (None: never by itself, a budget with no period)."""
+
+    admitted: bool
+    values: list[float]
+    retry_after_s: float | None = None
+
+
 class StateStore(ABC):
     """Async storage of small JSON documents, ``namespace -> key -> document``.
 
@@ -152,6 +182,39 @@ class StateStore(ABC):
     @abstractmethod
     async def count(self, namespace: str) -> int:
         """How many documents ``namespace`` holds (without reading them)."""
+
+    @abstractmethod
+    async def add_counters(self, namespace: str, counters: Sequence[Counter], *, now: float | None = None
+                           ) -> Counted:
+        """Check every counter against its limit and, when none would go above it, add to all of them: one
+        atomic step, so replicas sharing the store share one count (a request, its tokens and its cost are
+        admitted together or not at all). ``now``: the clock in seconds (tests); default ``time.time()``.
+        Counters live beside the namespace's documents, not in them: ``drop`` leaves them to expire."""
+
+    async def put_expiring(self, namespace: str, key: str, doc: dict[str, Any], ttl_s: float) -> None:
+        """Create or replace a document that vanishes ``ttl_s`` seconds after its last write (a conversation
+        session's experts: shared by replicas, never piling up). Kept apart from ``put``'s documents:
+        read it with ``get_expiring``; ``items``, ``count`` and ``drop`` do not see it. Not abstract (as the
+        leases below): a wrapper may omit it, and callers then keep such state per process."""
+        raise NotImplementedError(f"{type(self).__name__} has no expiring documents")
+
+    async def get_expiring(self, namespace: str, key: str) -> dict[str, Any] | None:
+        """The ``put_expiring`` document at ``key``, or None when there is none or it expired."""
+        raise NotImplementedError(f"{type(self).__name__} has no expiring documents")
+
+    async def acquire_lease(self, name: str, owner: str, ttl_s: float) -> int | None:
+        """Take the exclusive lease ``name`` for ``owner`` for ``ttl_s`` seconds unless someone else holds
+        it; returns a fencing token (larger for each later holder of ``name``), or None when it is held.
+        A lease ends on ``release_lease`` or when its time runs out (a holder that crashed frees it by
+        itself). The lock that several replicas need around one vLLM's adapter loads and unloads
+        (``coe.backends.pool.AdapterLock``). Not abstract, so wrappers of a store may omit it: the
+        default says the store has no leases, and callers fall back to a per-process lock."""
+        raise NotImplementedError(f"{type(self).__name__} has no leases")
+
+    async def release_lease(self, name: str, owner: str) -> bool:
+        """End ``owner``'s lease ``name``; False when it no longer held it (it expired, and maybe another
+        owner took it meanwhile: the caller's work may have overlapped someone else's)."""
+        raise NotImplementedError(f"{type(self).__name__} has no leases")
 
     @abstractmethod
     async def ping(self) -> None:

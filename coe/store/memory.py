@@ -10,9 +10,26 @@ copies (``encode(keep=True)``): what orjson hands back is over-allocated.
 
 from __future__ import annotations
 
+import time
+from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
-from coe.store.base import StateStore, check_key, check_namespace, decode, decode_async, encode, encode_async
+from coe.store.base import (
+    Counted,
+    Counter,
+    StateStore,
+    check_key,
+    check_namespace,
+    decode,
+    decode_async,
+    encode,
+    encode_async,
+)
+
+EXPIRING_SWEEP_AT = 100_000
+"""Expired ``put_expiring`` records are dropped when this many are held; the next sweep waits until twice
+as many as survived are held, so the cost per write stays constant (amortised)."""
 
 
 class MemoryStore(StateStore):
@@ -22,6 +39,12 @@ class MemoryStore(StateStore):
 
     def __init__(self) -> None:
         self._data: dict[str, dict[str, bytes]] = {}
+        self._sums: dict[str, tuple[float, float | None]] = {}  # counter -> (value, expires at)
+        self._logs: dict[str, deque[float]] = {}  # sliding counter -> event times, oldest first
+        self._leases: dict[str, tuple[str, float]] = {}  # lease -> (owner, expires at, monotonic)
+        self._fences: dict[str, int] = {}
+        self._expiring: dict[tuple[str, str], tuple[bytes, float]] = {}  # -> (record, expires at, monotonic)
+        self._sweep_at = EXPIRING_SWEEP_AT
 
     async def get(self, namespace: str, key: str) -> dict[str, Any] | None:
         raw = self._data.get(check_namespace(namespace), {}).get(check_key(key))
@@ -60,6 +83,75 @@ class MemoryStore(StateStore):
 
     async def count(self, namespace: str) -> int:
         return len(self._data.get(check_namespace(namespace), {}))
+
+    async def add_counters(self, namespace: str, counters: Sequence[Counter], *, now: float | None = None
+                           ) -> Counted:
+        """No await inside: atomic on the event loop, as the Redis script is on the server."""
+        now = time.time() if now is None else now
+        names = [f"{check_namespace(namespace)}:{check_key(c.key)}" for c in counters]
+        current: list[float] = []
+        waits: list[float | None] = []
+        for name, c in zip(names, counters, strict=True):
+            if c.sliding_s is not None:
+                log = self._logs.setdefault(name, deque())
+                while log and log[0] <= now - c.sliding_s:
+                    log.popleft()
+                current.append(float(len(log)))
+                wait: float | None = (log[0] + c.sliding_s - now) if log else c.sliding_s
+            else:
+                value, expires = self._sums.get(name, (0.0, None))
+                if expires is not None and expires <= now:
+                    value, expires = 0.0, None
+                current.append(value)
+                wait = None if expires is None else expires - now
+            if c.limit is not None and c.add > 0 and current[-1] + c.add > c.limit:
+                waits.append(wait)
+        if waits:
+            return Counted(False, current, None if None in waits else max(w for w in waits if w is not None))
+        for i, (name, c) in enumerate(zip(names, counters, strict=True)):
+            if c.sliding_s is not None:
+                self._logs[name].extend([now] * int(c.add))
+                current[i] += int(c.add)
+            elif c.add:
+                value, expires = self._sums.get(name, (0.0, None))
+                if expires is not None and expires <= now:
+                    value, expires = 0.0, None
+                if expires is None and c.ttl_s is not None:
+                    expires = now + c.ttl_s
+                current[i] = value + c.add
+                self._sums[name] = (current[i], expires)
+        return Counted(True, current)
+
+    async def put_expiring(self, namespace: str, key: str, doc: dict[str, Any], ttl_s: float) -> None:
+        raw = encode(check_namespace(namespace), check_key(key), doc, keep=True)
+        now = time.monotonic()
+        if len(self._expiring) >= self._sweep_at:  # one process, no server to expire them: sweep here
+            self._expiring = {k: v for k, v in self._expiring.items() if v[1] > now}
+            self._sweep_at = max(EXPIRING_SWEEP_AT, 2 * len(self._expiring))
+        self._expiring[(namespace, key)] = (raw, now + ttl_s)
+
+    async def get_expiring(self, namespace: str, key: str) -> dict[str, Any] | None:
+        held = self._expiring.get((check_namespace(namespace), check_key(key)))
+        if held is None or held[1] <= time.monotonic():
+            return None
+        return decode(namespace, key, held[0])
+
+    async def acquire_lease(self, name: str, owner: str, ttl_s: float) -> int | None:
+        """No await inside: atomic on the event loop (one process is all this store serves)."""
+        now = time.monotonic()
+        held = self._leases.get(check_key(name))
+        if held is not None and held[1] > now:
+            return None
+        self._leases[name] = (owner, now + ttl_s)
+        self._fences[name] = self._fences.get(name, 0) + 1
+        return self._fences[name]
+
+    async def release_lease(self, name: str, owner: str) -> bool:
+        held = self._leases.get(check_key(name))
+        if held is None or held[0] != owner or held[1] <= time.monotonic():
+            return False
+        del self._leases[name]
+        return True
 
     async def ping(self) -> None:
         return None

@@ -3,13 +3,17 @@
 Layout: one hash per namespace at ``{prefix}:{namespace}``, one field per key,
 each value a JSON envelope (see ``coe.store.base``). ``put_if_absent`` is
 ``HSETNX`` (with ``given``, a Lua script), atomic on the server; ``drop`` is
-``UNLINK`` of the namespace's hash. Every redis-py error becomes a ``StoreError``
+``UNLINK`` of the namespace's hash. Counters (``add_counters``) are separate keys at
+``{prefix}:{namespace}:{key}`` (a string, or a sorted set for a sliding log), checked and added in one
+Lua script. Every redis-py error becomes a ``StoreError``
 whose message names the operation and the server, never its password.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,14 +21,78 @@ from urllib.parse import urlsplit
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from coe.errors import StoreError
-from coe.store.base import StateStore, check_key, check_namespace, decode, decode_async, encode, encode_async
+from coe.store.base import (
+    Counted,
+    Counter,
+    StateStore,
+    check_key,
+    check_namespace,
+    decode,
+    decode_async,
+    encode,
+    encode_async,
+)
 
 _SET_GIVEN = ("if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then "
               "return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[3]) end return 0")
 """``put_if_absent(given=...)``: KEYS = the hash written, the hash checked; ARGV = field, checked field, value."""
+
+_ACQUIRE = ("if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then "
+            "return redis.call('INCR', KEYS[2]) end return false")
+"""``acquire_lease``: KEYS = the lease, its fencing counter; ARGV = owner, milliseconds. Token and lease in
+one step, so a token is never issued for a lease that was not taken."""
+
+_RELEASE = ("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
+"""``release_lease``: delete the lease only while ``owner`` holds it (not one that expired and was retaken)."""
+
+_COUNTERS = """
+local now, nonce, n = tonumber(ARGV[1]), ARGV[2], #KEYS
+local cur, retry, refused, never = {}, 0, false, false
+for i = 1, n do
+  local b = 2 + (i - 1) * 4
+  local add, lim, slide = tonumber(ARGV[b + 1]), ARGV[b + 2], tonumber(ARGV[b + 4])
+  if slide > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - slide)
+    cur[i] = redis.call('ZCARD', KEYS[i])
+  else
+    cur[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
+  end
+  if lim ~= '' and add > 0 and cur[i] + add > tonumber(lim) then
+    refused = true
+    local wait = -1
+    if slide > 0 then
+      local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+      wait = slide
+      if first[2] then wait = tonumber(first[2]) + slide - now end
+    else
+      wait = redis.call('PTTL', KEYS[i])
+    end
+    if wait < 0 then never = true elseif wait > retry then retry = wait end
+  end
+end
+if not refused then
+  for i = 1, n do
+    local b = 2 + (i - 1) * 4
+    local add, ttl, slide = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
+    if slide > 0 then
+      for j = 1, add do redis.call('ZADD', KEYS[i], now, nonce .. ':' .. j) end
+      redis.call('PEXPIRE', KEYS[i], math.ceil(slide))
+      cur[i] = cur[i] + add
+    elseif add ~= 0 then
+      cur[i] = tonumber(redis.call('INCRBYFLOAT', KEYS[i], ARGV[b + 1]))
+      if ttl > 0 and redis.call('PTTL', KEYS[i]) < 0 then redis.call('PEXPIRE', KEYS[i], math.ceil(ttl)) end
+    end
+  end
+end
+local out = {refused and 0 or 1, never and '-1' or tostring(retry)}
+for i = 1, n do out[#out + 1] = tostring(cur[i]) end
+return out
+"""
+"""``add_counters``: ARGV = now (ms), a nonce, then per key: add, limit ('' = none), ttl (ms, 0 = kept),
+sliding window (ms, 0 = a plain number). Numbers go back as strings: Redis would truncate Lua floats."""
 
 
 def redact(url: str) -> str:
@@ -50,6 +118,7 @@ class RedisStore(StateStore):
         self._prefix = prefix
         self._where = where
         self._owns_client = owns_client
+        self._counters = client.register_script(_COUNTERS)  # EVALSHA; loads itself on first use
 
     @classmethod
     def from_url(
@@ -136,6 +205,52 @@ class RedisStore(StateStore):
         async with self._errors(f"count {namespace}"):
             n: int = await self._client.hlen(self._key(check_namespace(namespace)))
         return n
+
+    async def add_counters(self, namespace: str, counters: Sequence[Counter], *, now: float | None = None
+                           ) -> Counted:
+        now_ms = (time.time() if now is None else now) * 1000
+        keys = [f"{self._key(namespace)}:{check_key(c.key)}" for c in counters]
+        args: list[str | float] = [now_ms, uuid.uuid4().hex]
+        for c in counters:
+            args += [repr(float(c.add)), "" if c.limit is None else repr(float(c.limit)),
+                     0 if c.ttl_s is None else c.ttl_s * 1000, 0 if c.sliding_s is None else c.sliding_s * 1000]
+        async with self._errors(f"add_counters {namespace}"):
+            try:  # EVALSHA straight: the script object's own call costs more than the command on loopback
+                raw = await self._client.evalsha(self._counters.sha, len(keys), *keys, *args)
+            except NoScriptError:  # a restarted or flushed server: load it again
+                raw = await self._counters(keys=keys, args=args)
+        out = [x.decode() if isinstance(x, bytes) else str(x) for x in raw[2:]]
+        retry = float(raw[1])
+        return Counted(bool(int(raw[0])), [float(x) for x in out],
+                       None if int(raw[0]) else (None if retry < 0 else retry / 1000))
+
+    def _expiring_key(self, namespace: str, key: str) -> str:
+        return f"{self._prefix}:@expiring:{check_namespace(namespace)}:{check_key(key)}"
+
+    async def put_expiring(self, namespace: str, key: str, doc: dict[str, Any], ttl_s: float) -> None:
+        raw = await encode_async(namespace, key, doc)
+        async with self._errors(f"put_expiring {namespace}/{key}"):
+            await self._client.set(self._expiring_key(namespace, key), raw, px=max(1, int(ttl_s * 1000)))
+
+    async def get_expiring(self, namespace: str, key: str) -> dict[str, Any] | None:
+        async with self._errors(f"get_expiring {namespace}/{key}"):
+            raw = await self._client.get(self._expiring_key(namespace, key))
+        return None if raw is None else await decode_async(namespace, key, raw)
+
+    def _lease_key(self, name: str) -> str:
+        """``@`` is not allowed in namespaces: no lease key can be a namespace's hash or counter."""
+        return f"{self._prefix}:@lease:{check_key(name)}"
+
+    async def acquire_lease(self, name: str, owner: str, ttl_s: float) -> int | None:
+        key = self._lease_key(name)
+        async with self._errors(f"acquire lease {name}"):
+            token = await self._client.eval(_ACQUIRE, 2, key, f"{key}:fence", owner, max(1, int(ttl_s * 1000)))
+        return None if token is None else int(token)
+
+    async def release_lease(self, name: str, owner: str) -> bool:
+        async with self._errors(f"release lease {name}"):
+            removed = await self._client.eval(_RELEASE, 1, self._lease_key(name), owner)
+        return bool(removed)
 
     async def ping(self) -> None:
         async with self._errors("ping"):

@@ -15,17 +15,19 @@ from fastapi import FastAPI
 
 from coe.backends.pool import TransportFactory
 from coe.config import RegistryConfig
+from coe.keys import KeyLimiter, KeyRing
 from coe.registry import Registry
 from coe.runtime import Runtime
 from coe.store.base import StateStore
 from services.api import errors
-from services.api.auth import AuthKeys, resolve_keys
+from services.api.auth import AuthKeys, VirtualKeys, resolve_keys
 from services.api.batches.router import router as batches_router
 from services.api.chat.router import router as chat_router
 from services.api.chat.serving import ChatServing
 from services.api.experts.router import router as experts_router
 from services.api.files.router import router as files_router
 from services.api.health.router import router as health_router
+from services.api.keys.router import router as keys_router
 from services.api.middleware import RequestIdMiddleware, TracingMiddleware
 from services.api.models.router import router as models_router
 from services.api.route.router import router as route_router
@@ -68,11 +70,13 @@ def create_app(
                           poll_interval_s=poll_interval_s, drain_timeout_s=drain_timeout_s,
                           batch_worker=batch_worker, on_reload=on_reload, explorer=True)
         async with runtime:
-            app.state.coe = ApiState(runtime, keys[0], ChatServing(runtime))
+            vkeys = VirtualKeys(KeyRing(runtime.store), KeyLimiter(runtime.store))
+            app.state.coe = ApiState(runtime, keys[0], ChatServing(runtime), vkeys)
             registry = runtime.registry.current
             log.info("coe ready to accept requests: %d experts, %d backends (/health/ready says when a backend "
                      "is up)", len(registry.experts), len(registry.config.backends))
             yield
+            await vkeys.limiter.close()  # the keys' pending usage totals, before the store closes
 
     app = FastAPI(
         title="coe",
@@ -84,7 +88,7 @@ def create_app(
     errors.install(app)
     errors.openapi_400_not_422(app)
     for router in (chat_router, models_router, experts_router, route_router, files_router, batches_router,
-                   health_router, ui_router):
+                   health_router, ui_router, keys_router):
         app.include_router(router)
     app.add_middleware(TracingMiddleware)  # inside the request id's: the span carries it
     app.add_middleware(RequestIdMiddleware)

@@ -2,6 +2,11 @@
 
 Keys come from environment variables named in the registry's ``auth`` section,
 never from the file itself. A check can only be off when the file says so.
+
+Besides the static keys, a bearer token may be a virtual key (``coe.keys``: kept in the state store,
+with limits and a budget). ``check_client`` leaves who the request acts as in ``request.state.caller``
+(a ``coe.keys.Caller``): its owner id owns the files and batches it creates. A virtual key's request is
+counted against its requests-per-minute limit here, before anything else runs.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from coe.config import AuthConfig
-from coe.errors import ConfigError, Forbidden, Unauthorized
+from coe.errors import ConfigError, Forbidden, RateLimited, Unauthorized
+from coe.keys import Caller, KeyLimiter, KeyRing, owner_of_static
+from coe.keys.model import ADMIN_OWNER, ANON_OWNER
 
 
 @dataclass(frozen=True)
@@ -52,18 +59,48 @@ def _matches(token: str, key: str) -> bool:
     return hmac.compare_digest(token.encode(), key.encode())
 
 
+@dataclass
+class VirtualKeys:
+    """The key ring and the limiter of one server (both on the runtime's state store)."""
+
+    ring: KeyRing
+    limiter: KeyLimiter
+
+
+def caller_of(request: Request) -> Caller:
+    """Who the request acts as (set by ``check_client``/``check_admin``; anonymous when auth is off)."""
+    caller: Caller | None = getattr(request.state, "caller", None)
+    return caller if caller is not None else Caller(ANON_OWNER, sees_all=True)
+
+
 async def check_client(request: Request) -> None:
-    keys: AuthKeys = request.app.state.coe.keys
+    state = request.app.state.coe
+    keys: AuthKeys = state.keys
     if keys.client_keys is None:
+        request.state.caller = Caller(ANON_OWNER, sees_all=True)  # one anonymous owner: it sees everything
         return
     token = _bearer(request)
     if token is None:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    if any(_matches(token, k) for k in keys.client_keys):
-        return
+    for k in keys.client_keys:
+        if _matches(token, k):
+            request.state.caller = Caller(owner_of_static(k))
+            return
     if keys.admin_key is not None and _matches(token, keys.admin_key):
+        request.state.caller = Caller(ADMIN_OWNER, sees_all=True)
         return
-    raise Unauthorized("invalid API key")
+    vkeys: VirtualKeys | None = getattr(state, "vkeys", None)
+    key = None if vkeys is None else await vkeys.ring.lookup(token)
+    if vkeys is None or key is None:
+        raise Unauthorized("invalid API key")
+    request.state.caller = Caller(key.id, key=key)
+    metrics = state.runtime.metrics
+    try:
+        request.state.admission = await vkeys.limiter.admit(key)
+    except RateLimited:
+        metrics.key_requests.labels(key.name, "limited").inc()
+        raise
+    metrics.key_requests.labels(key.name, "admitted").inc()
 
 
 async def check_admin(request: Request) -> None:
@@ -75,6 +112,7 @@ async def check_admin(request: Request) -> None:
     if token is None:
         raise Unauthorized("missing admin key: send 'Authorization: Bearer <admin key>'")
     if _matches(token, keys.admin_key):
+        request.state.caller = Caller(ADMIN_OWNER, sees_all=True)
         return
     if keys.client_keys is not None and any(_matches(token, k) for k in keys.client_keys):
         raise Forbidden("registry changes need the admin key, not a client key", code="admin_key_required")

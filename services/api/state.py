@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from coe.batch.jobs import BatchJobs
 from coe.errors import BackendUnavailable
 from coe.runtime import ChatCompletionRequest, Runtime
-from services.api.auth import AuthKeys
+from services.api.auth import AuthKeys, VirtualKeys
 
 
 class ChatEndpoint(Protocol):
@@ -28,6 +28,7 @@ class ApiState:
     runtime: Runtime
     keys: AuthKeys
     chat: ChatEndpoint
+    vkeys: VirtualKeys | None = None  # virtual keys (``coe.keys``) on the runtime's store
 
 
 def state_of(app: Any) -> ApiState:

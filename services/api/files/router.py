@@ -15,6 +15,7 @@ from starlette.datastructures import UploadFile
 from coe.errors import InvalidRequest, PayloadTooLarge
 from services.api.auth import check_client
 from services.api.errors import once, openai_responses
+from services.api.keys.ownership import claim, no_file, only, owners, require_owner, visible_ids
 from services.api.state import jobs_of
 
 router = APIRouter(tags=["files"], dependencies=[Depends(check_client)])
@@ -48,25 +49,32 @@ async def create_file(request: Request) -> dict[str, Any]:
     if purpose not in PURPOSES:
         raise InvalidRequest(f"purpose must be one of {', '.join(PURPOSES)}, not {purpose!r}", param="purpose")
     content = await upload.read(jobs.max_file_bytes + 1)
-    return await jobs.create_file(upload.filename or "upload.jsonl", str(purpose), content)
+    created = await jobs.create_file(upload.filename or "upload.jsonl", str(purpose), content)
+    await claim(request, created["id"])
+    return created
 
 
 @router.get("/v1/files", summary="Files, newest first", dependencies=[Depends(once("purpose"))])
 async def list_files(request: Request, purpose: str | None = None) -> dict[str, Any]:
-    files = await jobs_of(request.app).list_files(purpose)
+    files = only(await jobs_of(request.app).list_files(purpose), await visible_ids(request))
     return {"object": "list", "data": files, "has_more": False}
 
 
 @router.get("/v1/files/{file_id}", responses=openai_responses(404))
 async def get_file(file_id: str, request: Request) -> dict[str, Any]:
+    await require_owner(request, file_id, no_file(file_id))
     return await jobs_of(request.app).get_file(file_id)
 
 
 @router.get("/v1/files/{file_id}/content", responses=openai_responses(404), response_class=Response)
 async def file_content(file_id: str, request: Request) -> Response:
+    await require_owner(request, file_id, no_file(file_id))
     return Response(await jobs_of(request.app).file_bytes(file_id), media_type="application/octet-stream")
 
 
 @router.delete("/v1/files/{file_id}", responses=openai_responses(404))
 async def delete_file(file_id: str, request: Request) -> dict[str, Any]:
-    return await jobs_of(request.app).delete_file(file_id)
+    await require_owner(request, file_id, no_file(file_id))
+    deleted = await jobs_of(request.app).delete_file(file_id)
+    await owners(request).release(file_id)
+    return deleted

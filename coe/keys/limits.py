@@ -1,0 +1,234 @@
+"""Per-key limits counted in the state store (one atomic ``add_counters`` step per check), so every
+replica on one Redis shares one count; nothing is counted in a process's memory.
+
+- **Requests per minute: a sliding window** (a log of admission times, the last 60 s count). Exactly
+  ``rpm`` requests are admitted in any 60 s span, however they are spread over replicas and minute
+  boundaries (a fixed window would let 2 x rpm through around a boundary). ``Retry-After``: until the
+  oldest admission leaves the window.
+- **Tokens per minute: a fixed 60 s window** that starts at the first request after the previous one
+  ended. Before the call the request *reserves* an estimate (``estimate_tokens``: the messages' UTF-8
+  bytes, plus 8 per message for the chat template, plus ``max_tokens`` or ``default_completion``); after
+  it the counter is corrected to the real usage. Admission needs ``used + reserved + estimate <= tpm``.
+- **Budget: spend in the experts' cost unit**, per period (total, UTC day, UTC month), reserved the
+  same way (the estimate at the expert's prices) and corrected to the real cost after the call.
+
+Overshoot bound: a request is admitted only when its reservation fits, so the count can pass the limit
+only by what requests in flight use *beyond* their reservations: at most ``C x max(actual - reserved)``
+for ``C`` concurrent requests. A direct request with ``max_tokens`` reserves at least what it can use
+(byte-level tokenizers make at most one token per byte), so there the bound is 0; a routed request
+(``model: "coe"``, several expert calls) reserves one call and can use one per expert it recruits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import contextlib
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from coe.errors import CoeError, RateLimited
+from coe.keys.model import VirtualKey
+from coe.store.base import Counter, StateStore
+
+USAGE_NS = "vkey-usage"
+MINUTE_S = 60.0
+DEFAULT_COMPLETION = 1024
+"""Tokens reserved for the answer when a request gives no ``max_tokens``."""
+
+
+def estimate_tokens(messages: Iterable[Any], max_tokens: int | None, default_completion: int = DEFAULT_COMPLETION
+                    ) -> tuple[int, int]:
+    """(prompt, completion) tokens to reserve: an upper bound of the prompt for byte-level tokenizers."""
+    prompt = 0
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else getattr(m, "content", None)
+        prompt += 8 + len(str(content or "").encode())
+    return prompt, max_tokens if max_tokens is not None else default_completion
+
+
+def period_end(period: str, now: float) -> float | None:
+    """When the budget period that holds ``now`` ends (UTC); None for a total budget."""
+    t = time.gmtime(now)
+    if period == "daily":
+        return float(calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0)) + 86400)
+    if period == "monthly":
+        year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+        return float(calendar.timegm((year, month, 1, 0, 0, 0)))
+    return None
+
+
+def _spend_key(key: VirtualKey, now: float) -> str:
+    t = time.gmtime(now)
+    tag = {"daily": time.strftime("%Y%m%d", t), "monthly": time.strftime("%Y%m", t)}.get(key.budget_period, "all")
+    return f"{key.id}:spend:{tag}"
+
+
+@dataclass
+class Admission:
+    """A request let through: what it reserved (handed back to ``settle``) and the ``x-ratelimit-*``
+    headers for its response."""
+
+    key: VirtualKey
+    tokens: int = 0
+    cost: float = 0.0
+    at: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class KeyLimiter:
+    """Limits of virtual keys, and their lifetime usage.
+
+    A key with a token limit or a budget is settled after each call (one store step: the next request's
+    admission depends on it). The lifetime totals of a key without either (what ``usage`` reports) are
+    kept here for a moment instead and ride along with the key's next admission, or are written within
+    ``flush_s`` by themselves: so such a key costs one store step per request, the admission. A process
+    that is killed loses at most its last ``flush_s`` of those totals; no limit depends on them.
+    """
+
+    def __init__(self, store: StateStore, *, flush_s: float = 1.0) -> None:
+        self.store = store
+        self.flush_s = flush_s
+        self._pending: dict[str, dict[str, float]] = {}  # key id -> {requests, tokens, cost} not yet stored
+        self._flusher: asyncio.Task[None] | None = None
+
+    def _take_pending(self, key_id: str) -> list[Counter]:
+        return [Counter(f"{key_id}:{what}", n) for what, n in self._pending.pop(key_id, {}).items() if n]
+
+    def _add_pending(self, key_id: str, what: str, n: float) -> None:
+        pending = self._pending.setdefault(key_id, {})
+        pending[what] = pending.get(what, 0.0) + n
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_later())
+
+    def _put_back(self, counters: list[Counter]) -> None:
+        for c in counters:
+            key_id, _, what = c.key.rpartition(":")
+            self._add_pending(key_id, what, c.add)
+
+    async def flush(self) -> None:
+        """Write the pending lifetime totals now (one store step for every key)."""
+        counters = [c for key_id in list(self._pending) for c in self._take_pending(key_id)]
+        if counters:
+            try:
+                await self.store.add_counters(USAGE_NS, counters)
+            except CoeError:
+                self._put_back(counters)  # the store is down: kept for the next try
+                raise
+
+    async def close(self) -> None:
+        """On shutdown: write what is pending (best effort: the store may be gone already)."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        with contextlib.suppress(CoeError):
+            await self.flush()
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self.flush_s)
+        with contextlib.suppress(CoeError):
+            await self.flush()
+
+    def _counters(self, key: VirtualKey, tokens: int, cost: float, now: float, requests: int) -> list[Counter]:
+        counters = [Counter(f"{key.id}:req", requests, key.rpm, sliding_s=MINUTE_S)] if key.rpm else []
+        if key.tpm:
+            counters.append(Counter(f"{key.id}:tok", tokens, key.tpm, ttl_s=MINUTE_S))
+        if key.budget is not None:
+            end = period_end(key.budget_period, now)
+            counters.append(Counter(_spend_key(key, now), cost, key.budget,
+                                    ttl_s=None if end is None else end - now + 3600))
+        return counters
+
+    async def admit(self, key: VirtualKey, *, tokens: int = 0, cost: float | None = None, requests: int = 1,
+                    now: float | None = None) -> Admission:
+        """Count ``requests`` (the auth check: 1) and reserve ``tokens`` and ``cost`` (the chat path, after
+        the auth check: ``requests=0``) in one atomic step, or raise ``RateLimited`` (429). ``cost=None``:
+        the budget is not checked (the auth check: a key whose budget is spent can still read its files
+        and batches); a spent budget refuses even a request that reserves nothing."""
+        now = time.time() if now is None else now
+        spend = cost is not None and key.budget is not None
+        counters = self._counters(key, tokens if key.tpm else 0, max(cost or 0.0, 1e-12), now, requests)
+        if not spend:
+            counters = [c for c in counters if ":spend:" not in c.key]
+        if not requests:
+            counters = [c for c in counters if not c.key.endswith(":req")]
+        if not counters:  # a key without limits: nothing to check, no store step
+            self._add_pending(key.id, "requests", requests)
+            return Admission(key, 0, 0.0, now, {})
+        riding = self._take_pending(key.id)
+        try:
+            done = await self.store.add_counters(USAGE_NS, counters + riding, now=now)
+        except CoeError:
+            self._put_back(riding)
+            raise
+        if not done.admitted:
+            self._put_back(riding)  # a refused step adds nothing
+        elif requests:
+            self._add_pending(key.id, "requests", requests)  # lifetime usage: rides with the next step
+        values = dict(zip((c.key for c in counters), done.values, strict=False))
+        headers = self._headers(key, values, counters, done.retry_after_s)
+        if not done.admitted:
+            over = [c for c in counters if c.limit is not None and c.add > 0 and values[c.key] + c.add > c.limit]
+            what = over[0].key.split(":")[1] if over else "req"
+            retry: float | None = done.retry_after_s
+            if what == "spend":
+                end = period_end(key.budget_period, now)
+                retry = None if end is None else end - now
+                raise RateLimited(f"key {key.name} has spent its {key.budget_period} budget of {key.budget}",
+                                  retry_after=retry, limit_headers=headers, code="insufficient_quota")
+            label = {"req": f"{key.rpm} requests", "tok": f"{key.tpm} tokens"}[what]
+            raise RateLimited(f"key {key.name} is over its limit of {label} per minute", retry_after=retry,
+                              limit_headers=headers)
+        return Admission(key, tokens, max(cost or 0.0, 1e-12) if spend else 0.0, now, headers)
+
+    async def settle(self, admission: Admission, tokens: int, cost: float) -> None:
+        """Replace the reservation by the real usage (never refused: the call has happened)."""
+        key = admission.key
+        if not key.tpm and key.budget is None:
+            self._add_pending(key.id, "tokens", tokens)
+            self._add_pending(key.id, "cost", cost)
+            return
+        counters = [Counter(f"{key.id}:tokens", tokens), Counter(f"{key.id}:cost", cost)]
+        if key.tpm:
+            counters.append(Counter(f"{key.id}:tok", tokens - admission.tokens, ttl_s=MINUTE_S))
+        if key.budget is not None:
+            end = period_end(key.budget_period, admission.at)
+            counters.append(Counter(_spend_key(key, admission.at), cost - admission.cost,
+                                    ttl_s=None if end is None else end - admission.at + 3600))
+        await self.store.add_counters(USAGE_NS, counters)
+
+    async def usage(self, key: VirtualKey, now: float | None = None) -> dict[str, Any]:
+        """Lifetime requests, tokens and cost, and where each limit stands now."""
+        now = time.time() if now is None else now
+        await self.flush()  # this process's part at least is up to date
+        counters = [Counter(f"{key.id}:{n}", 0) for n in ("requests", "tokens", "cost")]
+        limits = self._counters(key, 0, 0.0, now, 0)
+        done = await self.store.add_counters(USAGE_NS, counters + limits, now=now)
+        v = done.values
+        out: dict[str, Any] = {"object": "key.usage", "id": key.id, "name": key.name, "requests": int(v[0]),
+                               "tokens": int(v[1]), "cost": round(v[2], 10)}
+        for c, value in zip(limits, v[3:], strict=True):
+            part = c.key.split(":")[1]
+            name = {"req": "requests_last_minute", "tok": "tokens_this_minute", "spend": "spend_this_period"}[part]
+            out[name] = round(value, 10) if part == "spend" else int(value)
+        return out
+
+    @staticmethod
+    def _headers(key: VirtualKey, values: dict[str, float], counters: list[Counter], retry: float | None
+                 ) -> dict[str, str]:
+        """OpenAI's names: ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``."""
+        out: dict[str, str] = {}
+        for c in counters:
+            part = c.key.split(":")[1]
+            if part not in ("req", "tok") or c.limit is None:
+                continue
+            kind = "requests" if part == "req" else "tokens"
+            out[f"x-ratelimit-limit-{kind}"] = str(int(c.limit))
+            out[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(c.limit - values[c.key])))
+            if retry is not None:
+                out[f"x-ratelimit-reset-{kind}"] = f"{math.ceil(retry)}s"
+        return out

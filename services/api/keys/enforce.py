@@ -1,0 +1,73 @@
+"""A virtual key's limits on the chat path: which models it may call, and tokens and spend reserved
+before the call and corrected to the real usage after it (``coe.keys.limits`` says how far a burst can
+overshoot). Requests per minute were already counted by ``check_client``.
+
+A streamed answer is settled at its reservation (its usage is not read back here), so a streaming
+client with ``max_tokens`` is counted at most what it could use.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import orjson
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from coe.errors import Forbidden
+from coe.keys import Admission, estimate_tokens
+from coe.runtime import ChatCompletionRequest
+from services.api.auth import VirtualKeys, caller_of
+from services.api.state import state_of
+
+log = logging.getLogger("coe.keys")
+
+
+async def with_key_limits(request: Request, body: ChatCompletionRequest,
+                          call: Callable[[], Awaitable[Response]]) -> Response:
+    """Run ``call`` under the caller's key: refuse a model it may not use (403), reserve, call, settle."""
+    caller = caller_of(request)
+    key = caller.key
+    state = state_of(request.app)
+    vkeys: VirtualKeys | None = state.vkeys
+    if key is None or vkeys is None:
+        return await call()
+    if key.models is not None and body.model not in key.models:
+        raise Forbidden(f"key {key.name} may not use model {body.model!r}", param="model", code="model_not_allowed")
+    admission: Admission | None = getattr(request.state, "admission", None)
+    headers = dict(admission.headers) if admission else {}
+    reserved = None
+    if key.tpm or key.budget is not None:
+        prompt, completion = estimate_tokens(body.messages, body.max_completion_tokens or body.max_tokens)
+        experts = state.runtime.registry.current.experts
+        priced = [experts[body.model]] if body.model in experts else list(experts.values())
+        cost = max((e.cost.of(prompt, completion) for e in priced), default=0.0)  # routed: the dearest expert
+        reserved = await vkeys.limiter.admit(key, tokens=prompt + completion, cost=cost, requests=0)
+        headers.update(reserved.headers)
+    tokens, spent = (reserved.tokens, reserved.cost) if reserved else (0, 0.0)
+    failed = True
+    try:
+        response = await call()
+        failed = False
+    finally:
+        if failed:
+            tokens, spent = 0, 0.0  # nothing was answered: the reservation is given back
+        elif not isinstance(response, StreamingResponse):
+            tokens, spent = _used(response, tokens, spent)
+        state.runtime.metrics.key_tokens.labels(key.name).inc(tokens)
+        state.runtime.metrics.key_cost.labels(key.name).inc(spent)
+        await vkeys.limiter.settle(reserved or Admission(key), tokens, spent)
+    response.headers.update(headers)
+    return response
+
+
+def _used(response: Response, tokens: int, cost: float) -> tuple[int, float]:
+    """The answer's real usage and cost (its ``coe`` field); the reservation when it has none."""
+    try:
+        field = orjson.loads(bytes(response.body)).get("coe") or {}
+        usage = field.get("usage") or {}
+        real_cost = field.get("cost")
+        return int(usage.get("total_tokens", tokens)), float(real_cost) if real_cost is not None else cost
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return tokens, cost
