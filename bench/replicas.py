@@ -46,18 +46,11 @@ from apphelpers import write_registry  # noqa: E402
 from meta import git_state, versions  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
 
-from coe.testing.replicas import Fleet, Proc, load, start_stub  # noqa: E402
+from coe.testing.replicas import Fleet, Proc, fleet_registry, load, start_stub  # noqa: E402
 
 
 def registry(stub_url: str, redis: RedisServer) -> dict[str, Any]:
-    return {
-        "backends": {"stub": {"url": f"{stub_url}/v1"}},
-        "experts": [{"name": "fast", "backend": "stub", "model": "stub"}],
-        "auth": {"client_auth": False, "admin_auth": False},
-        "dispatch": {"retries": 1, "backoff_s": 0.01, "health_interval_s": 1},
-        "store": {"redis_url": redis.url, "embedded_worker": False, "claim_idle_s": 2, "worker_concurrency": 8,
-                  "prefix": f"bench{random.randrange(10**6)}"},
-    }
+    return fleet_registry(stub_url, redis.url, f"bench{random.randrange(10**6)}")
 
 
 def batch_lines(n: int, tag: str) -> bytes:

@@ -27,7 +27,7 @@ import pytest
 from apphelpers import write_registry
 from redis_server import RedisServer, redis_server_fixture
 
-from coe.testing.replicas import HAPROXY_HINT, Fleet, Proc, haproxy_binary, load, start_stub
+from coe.testing.replicas import HAPROXY_HINT, Fleet, Proc, fleet_registry, haproxy_binary, load, start_stub
 
 pytestmark = pytest.mark.redis
 
@@ -37,24 +37,14 @@ KILL_LOAD_S = 10.0
 CONCURRENCY = 32
 
 
-def fleet_registry(stub_url: str, redis: RedisServer) -> dict[str, Any]:
-    return {
-        "backends": {"stub": {"url": f"{stub_url}/v1"}},
-        "experts": [{"name": "fast", "backend": "stub", "model": "stub"}],
-        "auth": {"client_auth": False, "admin_auth": False},
-        "dispatch": {"retries": 1, "backoff_s": 0.01, "health_interval_s": 1},
-        "store": {"redis_url": redis.url, "embedded_worker": False, "claim_idle_s": 2, "worker_concurrency": 8,
-                  "prefix": f"rep{random.randrange(10**6)}"},
-    }
-
-
 @pytest.fixture(scope="module")
 def fleet(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     if haproxy_binary() is None:
         pytest.skip(HAPROXY_HINT)
     workdir = tmp_path_factory.mktemp("fleet")
     stub, stub_url = start_stub(workdir)
-    config = write_registry(workdir / "experts.yaml", fleet_registry(stub_url, redis_server))
+    reg = fleet_registry(stub_url, redis_server.url, f"rep{random.randrange(10**6)}")
+    config = write_registry(workdir / "experts.yaml", reg)
     running = Fleet(workdir, config, replicas=3, workers=2)
     try:
         running.start()

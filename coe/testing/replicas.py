@@ -106,6 +106,19 @@ def wait_http(url: str, proc: Proc | None, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def fleet_registry(stub_url: str, redis_url: str, prefix: str) -> dict[str, Any]:
+    """One stub expert on one Redis, no embedded worker (``coe worker`` processes take the batches): the
+    registry every process of a test or benchmark fleet shares."""
+    return {
+        "backends": {"stub": {"url": f"{stub_url}/v1"}},
+        "experts": [{"name": "fast", "backend": "stub", "model": "stub"}],
+        "auth": {"client_auth": False, "admin_auth": False},
+        "dispatch": {"retries": 1, "backoff_s": 0.01, "health_interval_s": 1},
+        "store": {"redis_url": redis_url, "embedded_worker": False, "claim_idle_s": 2, "worker_concurrency": 8,
+                  "prefix": prefix},
+    }
+
+
 def start_stub(workdir: Path, timeout: float = 60) -> tuple[Proc, str]:
     """The stub upstream in its own uvicorn process; returns it and its base URL (no ``/v1``)."""
     port = free_port()
