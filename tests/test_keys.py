@@ -179,6 +179,57 @@ async def test_secrets_never_appear_in_logs_metrics_or_health(replicas: Replicas
         assert not any(secret in t for t in texts), "a secret leaked"
 
 
+# -- leases: a busy key with a large rpm stays off the store's round trip ----------------------------------
+
+async def test_leases_skip_store_steps_and_never_pass_the_limit(redis_server: RedisServer) -> None:
+    """Three limiters (three replicas) on one Redis share a key with rpm 1,000. Leases admit most requests
+    with no store step; the count never passes the limit; what leases left is given back, so the window
+    holds exactly what was admitted, and a key under ``LEASE_MIN_RPM`` is counted request by request."""
+    from coe.keys import KeyLimiter
+    from coe.keys.limits import LEASE_MIN_RPM, LEASE_SHARE
+    from coe.keys.model import KeyCreate, VirtualKey
+    from coe.store.redis import RedisStore
+
+    prefix = f"lease{random.randrange(10**9)}"
+    stores = [RedisStore.from_url(redis_server.url, prefix=prefix) for _ in range(3)]
+    limiters = [KeyLimiter(s) for s in stores]
+    key = VirtualKey.create(KeyCreate(name="busy", rpm=1000), "sk-coe-lease-test")
+    small = VirtualKey.create(KeyCreate(name="small", rpm=LEASE_MIN_RPM - 1), "sk-coe-lease-small")
+
+    async def admit(limiter: KeyLimiter, k: VirtualKey) -> bool:
+        try:
+            await limiter.admit(k)
+            return True
+        except RateLimited:
+            return False
+
+    from coe.errors import RateLimited
+    admitted = 0
+    for i in range(450):  # the window stays over half free: leases
+        admitted += await admit(limiters[i % 3], key)
+    steps = sum(lim.store_steps for lim in limiters)
+    assert admitted == 450 and steps < 150, (steps, admitted)  # most came from leases
+    for i in range(1050):  # past the limit: leases stop at half, then every request is counted in the store
+        admitted += await admit(limiters[i % 3], key)
+        assert admitted <= 1000
+    assert admitted >= 1000 - 3 * int(1000 * LEASE_SHARE), admitted  # at worst the leases still held
+    for lim in limiters:
+        await lim.close()  # gives back what leases left
+    probe = KeyLimiter(stores[0])
+    usage = await probe.usage(key)
+    assert usage["requests_last_minute"] == admitted, usage
+    extra = sum([await admit(probe, key) for _ in range(40)])
+    assert admitted + extra == 1000 or extra == 40, (admitted, extra)
+    assert (await probe.usage(key))["requests_last_minute"] <= 1000
+
+    before = probe.store_steps
+    got = sum([await admit(probe, small) for _ in range(50)])
+    assert got == 50 and probe.store_steps - before == 50  # a small limit: every request in the store
+    await probe.close()
+    for s in stores:
+        await s.close()
+
+
 # -- one in-process coe on Redis: budgets, token limits, ownership -------------------------------------
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -515,6 +515,21 @@ async def test_counters_sliding_window_admits_exactly_limit_in_any_window(store:
     assert not (await store.add_counters("ctr", [c], now=t0 + 60.5)).admitted
 
 
+async def test_counters_sliding_negative_add_takes_back_the_newest_events(store: StateStore) -> None:
+    """How a limiter returns the unused part of a lease: the newest events go, the oldest keep their time."""
+    from coe.store.base import Counter
+    t0 = 1_000_000.0
+    await store.add_counters("ctr", [Counter("l", 1, limit=10, sliding_s=60)], now=t0)
+    await store.add_counters("ctr", [Counter("l", 4, limit=10, sliding_s=60)], now=t0 + 30)
+    back = await store.add_counters("ctr", [Counter("l", -3, limit=10, sliding_s=60)], now=t0 + 31)
+    assert back.admitted and back.values == [2.0]
+    assert (await store.add_counters("ctr", [Counter("l", -5, sliding_s=60)], now=t0 + 31)).values == [0.0]
+    await store.add_counters("ctr", [Counter("l", 2, limit=10, sliding_s=60)], now=t0 + 40)
+    await store.add_counters("ctr", [Counter("l", -1, sliding_s=60)], now=t0 + 41)  # takes one from t0+40
+    assert (await store.add_counters("ctr", [Counter("l", 0, sliding_s=60)], now=t0 + 99)).values == [1.0]
+    assert (await store.add_counters("ctr", [Counter("l", 0, sliding_s=60)], now=t0 + 100.5)).values == [0.0]
+
+
 async def test_counters_are_all_or_nothing_and_reconcile_down(store: StateStore) -> None:
     from coe.store.base import Counter
     ok = await store.add_counters("ctr", [Counter("a", 5, limit=10, ttl_s=60), Counter("b", 0.25, limit=1.0)])

@@ -114,7 +114,8 @@ class Counter:
     above it (only a positive ``add`` can be refused, so reconciling down always lands). A counter is either
     a number that expires ``ttl_s`` after it was created (a fixed window or a budget period; None: kept),
     or, with ``sliding_s``, a log of events of which only those in the last ``sliding_s`` seconds count
-    (``add`` is then a whole number of events)."""
+    (``add`` is then a whole number of events; a negative ``add`` takes back that many of the newest events,
+    how a rate limiter returns the unused part of a lease)."""
 
     key: str
     add: float

@@ -110,8 +110,13 @@ class MemoryStore(StateStore):
             return Counted(False, current, None if None in waits else max(w for w in waits if w is not None))
         for i, (name, c) in enumerate(zip(names, counters, strict=True)):
             if c.sliding_s is not None:
-                self._logs[name].extend([now] * int(c.add))
-                current[i] += int(c.add)
+                log = self._logs[name]
+                if c.add >= 0:
+                    log.extend([now] * int(c.add))
+                else:
+                    for _ in range(min(len(log), -int(c.add))):
+                        log.pop()  # the newest events
+                current[i] = float(len(log))
             elif c.add:
                 value, expires = self._sums.get(name, (0.0, None))
                 if expires is not None and expires <= now:

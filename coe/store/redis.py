@@ -78,9 +78,13 @@ if not refused then
     local b = 2 + (i - 1) * 4
     local add, ttl, slide = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
     if slide > 0 then
-      for j = 1, add do redis.call('ZADD', KEYS[i], now, nonce .. ':' .. j) end
-      redis.call('PEXPIRE', KEYS[i], math.ceil(slide))
-      cur[i] = cur[i] + add
+      if add > 0 then
+        for j = 1, add do redis.call('ZADD', KEYS[i], now, nonce .. ':' .. j) end
+        redis.call('PEXPIRE', KEYS[i], math.ceil(slide))
+      elseif add < 0 then
+        redis.call('ZPOPMAX', KEYS[i], -add)
+      end
+      cur[i] = redis.call('ZCARD', KEYS[i])
     elseif add ~= 0 then
       cur[i] = tonumber(redis.call('INCRBYFLOAT', KEYS[i], ARGV[b + 1]))
       if ttl > 0 and redis.call('PTTL', KEYS[i]) < 0 then redis.call('PEXPIRE', KEYS[i], math.ceil(ttl)) end
