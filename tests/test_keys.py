@@ -291,6 +291,40 @@ async def test_token_limit_under_concurrency_16_stays_within_the_bound(coe: Runn
     assert usage["tokens_this_minute"] <= tpm + bound, usage
 
 
+async def test_streamed_answers_count_their_real_usage(coe: RunningCoe) -> None:
+    """A stream is settled at its end from its ``coe`` field: the real 6 tokens, not the 140 reserved,
+    whether or not the client asked for usage, through the real SDK."""
+    async with httpx.AsyncClient(timeout=30) as http:
+        key = await create_key(http, coe.url, tpm=10_000, budget=1_000.0)
+        client = openai.AsyncOpenAI(base_url=f"{coe.url}/v1", api_key=key["secret"], max_retries=0)
+        for options in (None, {"include_usage": True}):
+            stream = await client.chat.completions.create(  # type: ignore[call-overload]
+                model="fast", messages=MSG, max_tokens=120, stream=True, stream_options=options)
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            assert text
+        for _ in range(50):  # the settle runs as its own task once the stream ended
+            usage = (await http.get(f"{coe.url}/v1/keys/{key['id']}/usage", headers=bearer(ADMIN))).json()
+            if usage["tokens"]:
+                break
+            await asyncio.sleep(0.02)
+    assert usage["tokens"] == 2 * 6 and usage["tokens_this_minute"] == 2 * 6, usage
+    assert usage["cost"] == pytest.approx(2 * 6) and usage["spend_this_period"] == pytest.approx(2 * 6), usage
+
+
+async def test_client_auth_with_only_virtual_keys(stub: tuple[str, StubRecord], redis_server: RedisServer,
+                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``COE_API_KEYS``, an admin key: clients use virtual keys, and nothing else gets in."""
+    monkeypatch.delenv("KEYS_TEST_CLIENT", raising=False)
+    monkeypatch.setenv("KEYS_TEST_ADMIN", ADMIN)
+    path = write_registry(tmp_path / "experts.yaml", registry(stub[0], redis_server, embedded_worker=False))
+    async with running_coe(path) as running, httpx.AsyncClient(timeout=30) as http:
+        key = await create_key(http, running.url)
+        ok = await http.post(f"{running.url}/v1/chat/completions", json=chat(), headers=bearer(key["secret"]))
+        anon = await http.post(f"{running.url}/v1/chat/completions", json=chat())
+        wrong = await http.post(f"{running.url}/v1/chat/completions", json=chat(), headers=bearer("sk-coe-nope"))
+    assert ok.status_code == 200 and anon.status_code == 401 and wrong.status_code == 401, (ok.text, anon.text)
+
+
 async def test_allowed_models(coe: RunningCoe) -> None:
     async with httpx.AsyncClient(timeout=30) as http:
         key = await create_key(http, coe.url, models=["fast"])

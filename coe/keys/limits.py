@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Iterable
@@ -45,6 +46,8 @@ from typing import Any
 from coe.errors import CoeError, RateLimited
 from coe.keys.model import VirtualKey
 from coe.store.base import Counted, Counter, StateStore
+
+log = logging.getLogger("coe.keys")
 
 USAGE_NS = "vkey-usage"
 MINUTE_S = 60.0
@@ -130,6 +133,7 @@ class KeyLimiter:
         self._free: dict[str, float] = {}  # key id -> its window's free room at its last store step
         self._owed: list[Counter] = []  # lease remainders not yet given back (the store was down)
         self._owed_now: dict[str, int] = {}  # key id -> a lease remainder handed to its next step
+        self._settling: set[asyncio.Task[None]] = set()  # settles running on their own (a strong reference)
         self.store_steps = 0
         """Admissions that went to the store (the rest came from a lease): what the benchmark reports."""
 
@@ -190,6 +194,8 @@ class KeyLimiter:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
         with contextlib.suppress(CoeError):
             await self.flush(everything=True)
 
@@ -334,6 +340,18 @@ class KeyLimiter:
             counters.append(Counter(_spend_key(key, admission.at), cost - admission.cost,
                                     ttl_s=None if end is None else end - admission.at + 3600))
         await self.store.add_counters(USAGE_NS, counters)
+
+    def settle_soon(self, admission: Admission, tokens: int, cost: float) -> None:
+        """``settle`` as a task of its own, for a caller that cannot wait (a stream's end); a failure is
+        logged (the reservation then stands: the count errs high)."""
+        task = asyncio.get_running_loop().create_task(self.settle(admission, tokens, cost))
+        self._settling.add(task)
+        task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        self._settling.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("could not settle a key's usage: %s", task.exception())
 
     async def usage(self, key: VirtualKey, now: float | None = None) -> dict[str, Any]:
         """Lifetime requests, tokens and cost, and where each limit stands now."""

@@ -30,15 +30,17 @@ class AuthKeys:
 
 
 def resolve_keys(auth: AuthConfig) -> AuthKeys:
-    """Read the keys; a check that is on without a key is a configuration error, not an open door."""
+    """Read the keys; a check that is on without a key is a configuration error, not an open door. Client
+    auth with no ``COE_API_KEYS`` is fine when there is an admin key: clients then use virtual keys."""
     problems = []
     client: frozenset[str] | None = None
     admin: str | None = None
     if auth.client_auth:
         client = frozenset(k.strip() for k in os.environ.get(auth.api_keys_env, "").split(",") if k.strip())
-        if not client:
+        if not client and not (auth.admin_auth and os.environ.get(auth.admin_key_env, "").strip()):
             problems.append(f"auth.client_auth is on but {auth.api_keys_env} is not set: set it to comma-separated "
-                            "client keys, or set auth.client_auth: false (local use only)")
+                            "client keys, or turn auth.admin_auth on with a key and create virtual keys "
+                            "('coe keys create'), or set auth.client_auth: false (local use only)")
     if auth.admin_auth:
         admin = os.environ.get(auth.admin_key_env, "").strip() or None
         if admin is None:

@@ -2,14 +2,16 @@
 before the call and corrected to the real usage after it (``coe.keys.limits`` says how far a burst can
 overshoot). Requests per minute were already counted by ``check_client``.
 
-A streamed answer is settled at its reservation (its usage is not read back here), so a streaming
-client with ``max_tokens`` is counted at most what it could use.
+A streamed answer is settled when its stream ends, from the ``coe`` field of its last event (every
+stream carries one, with the real usage and cost); a stream cut short (the client left, the upstream
+failed) is settled at its reservation, which is at most what it could have used.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import orjson
 from fastapi import Request
@@ -19,7 +21,7 @@ from coe.errors import Forbidden
 from coe.keys import Admission, estimate_tokens
 from coe.runtime import ChatCompletionRequest
 from services.api.auth import VirtualKeys, caller_of
-from services.api.state import state_of
+from services.api.state import ApiState, state_of
 
 log = logging.getLogger("coe.keys")
 
@@ -46,26 +48,53 @@ async def with_key_limits(request: Request, body: ChatCompletionRequest,
         reserved = await vkeys.limiter.admit(key, tokens=prompt + completion, cost=cost, requests=0)
         headers.update(reserved.headers)
     tokens, spent = (reserved.tokens, reserved.cost) if reserved else (0, 0.0)
-    failed = True
     try:
         response = await call()
-        failed = False
-    finally:
-        if failed:
-            tokens, spent = 0, 0.0  # nothing was answered: the reservation is given back
-        elif not isinstance(response, StreamingResponse):
-            tokens, spent = _used(response, tokens, spent)
-        state.runtime.metrics.key_tokens.labels(key.name).inc(tokens)
-        state.runtime.metrics.key_cost.labels(key.name).inc(spent)
-        await vkeys.limiter.settle(reserved or Admission(key), tokens, spent)
+    except BaseException:
+        await _settle(state, vkeys, reserved or Admission(key), 0, 0.0)  # nothing answered: all given back
+        raise
+    if isinstance(response, StreamingResponse):
+        response.body_iterator = _settled_at_end(response.body_iterator, state, vkeys, reserved or Admission(key))
+    else:
+        tokens, spent = _used(response, tokens, spent)
+        await _settle(state, vkeys, reserved or Admission(key), tokens, spent)
     response.headers.update(headers)
     return response
 
 
+async def _settle(state: ApiState, vkeys: VirtualKeys, admission: Admission, tokens: int, cost: float) -> None:
+    _count(state, admission, tokens, cost)
+    await vkeys.limiter.settle(admission, tokens, cost)
+
+
+def _count(state: ApiState, admission: Admission, tokens: int, cost: float) -> None:
+    state.runtime.metrics.key_tokens.labels(admission.key.name).inc(tokens)
+    state.runtime.metrics.key_cost.labels(admission.key.name).inc(cost)
+
+
+async def _settled_at_end(chunks: AsyncIterable[Any], state: ApiState, vkeys: VirtualKeys, admission: Admission
+                          ) -> AsyncIterator[Any]:
+    """The stream as it is; when it ends, settle from its last ``coe`` field (the reservation if it had
+    none)."""
+    tokens, cost = admission.tokens, admission.cost
+    try:
+        async for chunk in chunks:
+            if isinstance(chunk, bytes) and b'"coe":' in chunk:
+                tokens, cost = _used_of(chunk.removeprefix(b"data: "), tokens, cost)
+            yield chunk
+    finally:  # not awaited here: a generator closed by a client that left may not await
+        _count(state, admission, tokens, cost)
+        vkeys.limiter.settle_soon(admission, tokens, cost)
+
+
 def _used(response: Response, tokens: int, cost: float) -> tuple[int, float]:
     """The answer's real usage and cost (its ``coe`` field); the reservation when it has none."""
+    return _used_of(bytes(response.body), tokens, cost)
+
+
+def _used_of(raw: bytes, tokens: int, cost: float) -> tuple[int, float]:
     try:
-        field = orjson.loads(bytes(response.body)).get("coe") or {}
+        field = orjson.loads(raw).get("coe") or {}
         usage = field.get("usage") or {}
         real_cost = field.get("cost")
         return int(usage.get("total_tokens", tokens)), float(real_cost) if real_cost is not None else cost
