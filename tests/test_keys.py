@@ -297,9 +297,10 @@ async def test_streamed_answers_count_their_real_usage(coe: RunningCoe) -> None:
     async with httpx.AsyncClient(timeout=30) as http:
         key = await create_key(http, coe.url, tpm=10_000, budget=1_000.0)
         client = openai.AsyncOpenAI(base_url=f"{coe.url}/v1", api_key=key["secret"], max_retries=0)
-        for options in (None, {"include_usage": True}):
-            stream = await client.chat.completions.create(  # type: ignore[call-overload]
-                model="fast", messages=MSG, max_tokens=120, stream=True, stream_options=options)
+        for include_usage in (False, True):
+            stream = await client.chat.completions.create(
+                model="fast", messages=[{"role": "user", "content": "hello there"}], max_tokens=120, stream=True,
+                stream_options={"include_usage": include_usage})
             text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
             assert text
         for _ in range(50):  # the settle runs as its own task once the stream ended
