@@ -11,7 +11,8 @@ tokens: ``ignore_eos``), one after another in one run:
 
 - ``direct``: the openai SDK sends the list straight to vLLM, ``c`` requests in
   flight, in arrival order.
-- ``coe``: the same client, list and ``c`` through coe's OpenAI endpoint
+- ``coe``: the same client, list and ``c`` through coe's OpenAI endpoint (a ``coe serve`` process;
+  ``--in-process`` runs it on this process's event loop, with the client)
   (``model`` = the adapter's expert). coe's dispatcher lets
   ``--slots`` calls in flight to the server and orders the waiting ones
   (``coe.dispatch.schedule``). With ``c <= --slots`` nothing waits in coe, so
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -40,6 +42,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +57,8 @@ from meta import git_state, versions  # noqa: E402
 from coe.backends.launch import ManagedVLLM  # noqa: E402
 from coe.config import LaunchConfig, LoraModule  # noqa: E402
 from coe.models.tiny import build_tiny  # noqa: E402
-from coe.testing.server import serve_app  # noqa: E402
+from coe.testing.replicas import Proc, coe_command, wait_http  # noqa: E402
+from coe.testing.server import free_port, serve_app  # noqa: E402
 from services.api.app import create_app  # noqa: E402
 
 LOAD_LINE = "Adding lora"
@@ -122,6 +126,26 @@ async def run_batch(client: openai.AsyncOpenAI, experts: list[str], order: list[
             "completion_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1)}
 
 
+@contextlib.asynccontextmanager
+async def coe_server(work: Path, in_process: bool) -> AsyncIterator[str]:
+    """coe on ``work/experts.yaml``: a ``coe serve`` process of its own (default), so that the client's CPU
+    (the openai SDK parsing 64 streams of answers) does not share coe's one Python thread, as it did when
+    both ran in this process (``--in-process``, the arm before 2026-12-05, which measured 0.80x)."""
+    if in_process:
+        async with serve_app(create_app(work / "experts.yaml", poll_interval_s=5.0)) as url:
+            yield url
+        return
+    port = free_port()
+    proc = Proc("coe", [coe_command(), "serve", "--config", str(work / "experts.yaml"), "--port", str(port),
+                        "--log-level", "warning"], work / "coe.log", port).start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health/ready", proc, 300, "coe serve")
+        yield url
+    finally:
+        proc.stop()
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="coe-bench-adapters-"))
     tiny = build_tiny(work / "tiny", adapters=args.adapters)
@@ -151,8 +175,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         (work / "experts.yaml").write_text(yaml.safe_dump(registry, sort_keys=False))
         order = requests_list(args.requests, len(names), args.seed)
         direct = openai.AsyncOpenAI(base_url=f"{vllm.base_url}/v1", api_key="none", max_retries=0, timeout=1800)
-        app = create_app(work / "experts.yaml", poll_interval_s=5.0)
-        async with serve_app(app) as url:
+        async with coe_server(work, args.in_process) as url:
             via = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=1800)
             await run_clients(direct, names, list(range(len(names))), 1, 2)  # warm-up: every adapter once
             offset = count_loads(log, 0)[1]
@@ -207,6 +230,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slots", type=int, default=16, help="coe's max_concurrency to the server, and the batch worker's")
     p.add_argument("--concurrency", type=int, nargs="+", default=[64, 16], help="client requests in flight")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--in-process", action="store_true",
+                   help="run coe inside this process, on the client's event loop (the old arm)")
     p.add_argument("--workdir", help="keep the tiny build and logs here (default: a new temp folder)")
     p.add_argument("--output", type=Path)
     return p.parse_args(argv)

@@ -10,6 +10,7 @@ What it does (everything started here, as in the test: ``coe.testing.replicas``)
 - for N in ``--replicas`` (default 1 2 3): N ``coe serve`` processes (no batch worker) behind haproxy,
   closed-loop load at ``--concurrency`` for ``--seconds`` through the balancer; for N = 1 also straight to
   the replica (what the balancer costs);
+- for N in ``--workers`` (default 1 2): one ``coe serve --workers N``, load straight to it (no balancer);
 - the kill run: 3 replicas and 2 ``coe worker``s, a batch of ``--batch-items`` created through the balancer,
   load for ``--kill-seconds`` with one replica SIGKILLed a third of the way in; records the success rate
   and whether every batch item came back exactly once.
@@ -46,7 +47,8 @@ from apphelpers import write_registry  # noqa: E402
 from meta import git_state, versions  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
 
-from coe.testing.replicas import Fleet, Proc, fleet_registry, load, start_stub  # noqa: E402
+from coe.testing.replicas import Fleet, Proc, coe_command, fleet_registry, load, start_stub, wait_http  # noqa: E402
+from coe.testing.server import free_port  # noqa: E402
 
 
 def registry(stub_url: str, redis: RedisServer) -> dict[str, Any]:
@@ -73,6 +75,23 @@ async def throughput(workdir: Path, config: Path, n: int, args: argparse.Namespa
         return row
     finally:
         fleet.stop()
+
+
+async def workers_throughput(workdir: Path, config: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One ``coe serve --workers n`` on its own port, no balancer: what more processes on one machine buy."""
+    port = free_port()
+    folder = workdir / f"w{n}"
+    folder.mkdir()
+    serve = Proc(f"workers{n}", [coe_command(), "serve", "--config", str(config), "--port", str(port), "--workers",
+                                 str(n), "--log-level", "warning"], folder / "serve.log", port).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health/ready", serve, 120, f"coe serve --workers {n}")
+        await load(url, concurrency=args.concurrency, duration_s=2)  # warm-up
+        return {"workers": n, "direct": (await load(url, concurrency=args.concurrency,
+                                                    duration_s=args.seconds)).summary()}
+    finally:
+        serve.stop()
 
 
 async def kill_run(workdir: Path, config: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -118,16 +137,19 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             stub, stub_url = start_stub(workdir)
             try:
                 config = write_registry(workdir / "experts.yaml", registry(stub_url, redis))
+                workers = [await workers_throughput(workdir, config, n, args) for n in args.workers]
                 rows = [await throughput(workdir, config, n, args) for n in args.replicas]
                 killed = await kill_run(workdir, config, args) if args.kill_seconds > 0 else None
             finally:
                 stub.stop()
-    return {"throughput": rows, "kill": killed}
+    return {"workers": workers, "throughput": rows, "kill": killed}
 
 
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--replicas", type=int, nargs="*", default=[1, 2, 3])
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2],
+                        help="also one 'coe serve --workers N' per N, straight (no balancer)")
     parser.add_argument("--seconds", type=float, default=15.0, help="load per throughput cell")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--kill-seconds", type=float, default=30.0, help="0 skips the kill run")
@@ -144,6 +166,8 @@ def cli() -> None:
     out = Path(args.output) if args.output else RESULTS / f"replicas-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
+    for row in result["workers"]:
+        print(f"coe serve --workers {row['workers']}: {row['direct']}")
     for row in result["throughput"]:
         extra = f"; direct {row['direct']}" if "direct" in row else ""
         print(f"{row['replicas']} replica(s) behind haproxy: {row['balanced']}{extra}")

@@ -1,11 +1,16 @@
 """Prometheus metrics, one registry per app (no globals, so tests and several apps
 in one process do not collide). Every label has a bounded set of values: route
 kind, status class, expert and backend names from the registry, fixed outcome words.
+
+Gauges say how to add up over processes (``multiprocess_mode``), used only under
+``coe serve --workers N`` (``services.workers``).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -19,7 +24,8 @@ class Metrics:
                                          ["route", "stream"], buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("coe_time_to_first_token_seconds", "Streaming: time to the first chunk",
                               ["route"], buckets=LATENCY_BUCKETS, registry=r)
-        self.in_flight = Gauge("coe_requests_in_flight", "Chat requests being answered", registry=r)
+        self.in_flight = Gauge("coe_requests_in_flight", "Chat requests being answered", registry=r,
+                               multiprocess_mode="livesum")
         self.expert_calls = Counter("coe_expert_calls_total", "Calls to experts by outcome",
                                     ["expert", "outcome"], registry=r)
         self.expert_latency = Histogram("coe_expert_call_duration_seconds", "One expert call",
@@ -32,7 +38,8 @@ class Metrics:
                                        ["backend", "kind"], registry=r)
         self.fallbacks = Counter("coe_fallbacks_total", "Requests answered by a later candidate",
                                  ["expert"], registry=r)
-        self.backend_up = Gauge("coe_backend_up", "1 when the backend is healthy", ["backend"], registry=r)
+        self.backend_up = Gauge("coe_backend_up", "1 when the backend is healthy", ["backend"], registry=r,
+                                multiprocess_mode="livemin")
         self.registry_reloads = Counter("coe_registry_reloads_total", "Registry file reloads by result",
                                         ["result"], registry=r)
         self.consensus_skips = Counter("coe_consensus_skips_total",
@@ -43,7 +50,8 @@ class Metrics:
                                      ["expert"], registry=r)
         self.retrievals = Counter("coe_retrievals_total", "Retrieval gate decisions by outcome (retrieved, skipped)",
                                   ["outcome"], registry=r)
-        self.experts_registered = Gauge("coe_experts", "Experts in the registry by source", ["source"], registry=r)
+        self.experts_registered = Gauge("coe_experts", "Experts in the registry by source", ["source"], registry=r,
+                                        multiprocess_mode="livemax")
         self.adapter_loads = Counter("coe_adapter_loads_total", "LoRA adapters coe loaded into a server",
                                      ["backend"], registry=r)
         self.adapter_evictions = Counter("coe_adapter_evictions_total",
@@ -52,12 +60,13 @@ class Metrics:
         self.model_loads = Counter("coe_model_loads_total", "Whole-model experts brought up for offline work",
                                    ["backend"], registry=r)
         self.batch_worker_up = Gauge("coe_batch_worker_up",
-                                     "1 while this process's batch worker loop runs (0: retrying or stopped)",
-                                     registry=r)
+                                     "1 while this process's batch worker loop runs (0: retrying or stopped); "
+                                     "with several workers, how many run", registry=r, multiprocess_mode="livesum")
         self.batch_worker_errors = Gauge("coe_batch_worker_errors",
-                                         "Failed (and retried) batch worker loop iterations since start", registry=r)
+                                         "Failed (and retried) batch worker loop iterations since start", registry=r,
+                                         multiprocess_mode="livesum")
         self.queue_depth = Gauge("coe_dispatch_queue_depth", "Expert calls waiting for a backend slot",
-                                 ["expert"], registry=r)
+                                 ["expert"], registry=r, multiprocess_mode="livesum")
         self.queue_wait = Histogram("coe_dispatch_wait_seconds", "Time an expert call waited for a backend slot",
                                     ["expert"], registry=r,
                                     buckets=(0.001, 0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
@@ -76,4 +85,11 @@ class Metrics:
             self.cost.labels(expert).inc(cost)
 
     def render(self) -> bytes:
+        """This registry's samples, or, under ``coe serve --workers N`` (``PROMETHEUS_MULTIPROC_DIR`` set
+        before the process started), every worker's added up from that folder."""
+        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if folder and values.ValueClass is not values.MutexValue:
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged, folder)  # type: ignore[no-untyped-call]
+            return bytes(generate_latest(merged))
         return bytes(generate_latest(self.registry))

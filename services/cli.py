@@ -29,9 +29,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     configure(args.log_level)
     cfg = load_registry(args.config)  # fail fast, with the file's own error lines
+    if args.workers != 1:
+        from services.workers import check_workers
+
+        problem = check_workers(cfg, args.workers)
+        if problem is not None:
+            print(f"coe serve: {problem}", file=sys.stderr)
+            return 2
     make_router(cfg)  # and fit the router's classifier now, if it needs one, with its progress on stderr
     resolve_keys(cfg.auth)
     resolve_telemetry(cfg.telemetry, os.environ)  # a tracing setting nothing can export to: say so now
+    if args.workers != 1:
+        from services.workers import serve_workers
+
+        return serve_workers(args, cfg)
     app = create_app(args.config, config=cfg)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=args.drain_timeout, lifespan="on")
@@ -66,6 +77,8 @@ def add_serve(sub: Any, command: cli.Command) -> None:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds to let in-flight requests finish on SIGTERM")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="API processes on this port (more than 1 needs Redis; see services/workers.py)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -205,10 +205,10 @@ def test_serve_refuses_to_start_when_a_key_variable_is_missing(
     tag = uuid.uuid4().hex[:8].upper()
     keys_env, admin_env = f"COE_TEST_KEYS_{tag}", f"COE_TEST_ADMIN_{tag}"
     monkeypatch.delenv(keys_env, raising=False)
-    monkeypatch.setenv(admin_env, "admin-key")
+    monkeypatch.setenv(admin_env, "admin-key")  # set, but admin auth is off: no virtual key can be made either
     reg = {"backends": {"b": {"url": f"http://127.0.0.1:{free_port()}/v1"}},
            "experts": [{"name": "e", "backend": "b", "model": "m"}],
-           "auth": {"client_auth": True, "admin_auth": True, "api_keys_env": keys_env, "admin_key_env": admin_env}}
+           "auth": {"client_auth": True, "admin_auth": False, "api_keys_env": keys_env, "admin_key_env": admin_env}}
     path = write_registry(tmp_path / "experts.yaml", reg)
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", list(root.handlers))  # `serve` configures logging; undo it after

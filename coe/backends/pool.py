@@ -11,6 +11,10 @@ needed: at most one is up at a time, for models that cannot all be resident at
 once. While one is down, calls to it fail fast as for any stopped backend (503).
 One up at a time holds across the coe processes of a machine too
 (``coe.backends.machine_lock``).
+
+``attached``: ``launch`` backends that another process owns (``coe serve --workers N``: the supervisor
+starts each vLLM once and its worker processes use it by URL). They are built as remote servers; the
+owner starts, watches and stops them.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,14 @@ log = logging.getLogger("coe.backends")
 
 TransportFactory = Callable[[str], httpx.AsyncBaseTransport | None]
 """Given a backend name, the transport its client should use (None: real network)."""
+
+
+@dataclass(frozen=True)
+class Attached:
+    """A ``launch`` backend another process runs: where it listens, and its zero-weight base adapter."""
+
+    url: str
+    base_adapter: str | None = None
 
 
 @dataclass
@@ -82,9 +94,11 @@ class BackendRuntime:
 class BackendPool:
     def __init__(self, *, transport_factory: TransportFactory | None = None, python: str = sys.executable,
                  health_interval_s: float = 2.0, on_demand_lock: Path | None = None,
-                 leases: Leases | None = None) -> None:
-        """``leases``: the state store, for adapter locks shared with other coe processes."""
+                 leases: Leases | None = None, attached: Mapping[str, Attached] | None = None) -> None:
+        """``leases``: the state store, for adapter locks shared with other coe processes; ``attached``: the
+        ``launch`` backends another process owns (the module says when)."""
         self._transport_factory = transport_factory
+        self._attached = dict(attached or {})
         self._leases = leases
         self._python = python
         self._health_interval_s = health_interval_s
@@ -113,7 +127,12 @@ class BackendPool:
         return key
 
     def _build(self, name: str, cfg: BackendConfig, managed: ManagedVLLM | None) -> BackendRuntime:
-        if cfg.launch is not None:
+        base_adapter = cfg.base_adapter
+        attached = self._attached.get(name) if cfg.launch is not None and not cfg.launch.on_demand else None
+        if attached is not None:
+            root = server_root(attached.url)
+            base_adapter = base_adapter or attached.base_adapter
+        elif cfg.launch is not None:
             if managed is None:
                 managed = ManagedVLLM(name, cfg.launch, python=self._python)
             root = managed.base_url
@@ -124,7 +143,7 @@ class BackendPool:
         client = make_client(root, cfg.timeouts, self._api_key(name, cfg), cfg.max_concurrency, transport)
         return BackendRuntime(name=name, config=cfg, api=VLLMBackend(name, client), managed=managed,
                               base_url=root,
-                              base_adapter=cfg.base_adapter, leases=self._leases)
+                              base_adapter=base_adapter, leases=self._leases)
 
     def set_health_interval(self, seconds: float) -> None:
         self._health_interval_s = seconds

@@ -19,12 +19,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from coe.backends.pool import BackendPool, TransportFactory
+from coe.backends.pool import Attached, BackendPool, TransportFactory
 from coe.batch.jobs import BatchJobs
 from coe.batch.queue import open_queue
 from coe.batch.stages import WaveRunner
@@ -62,7 +62,8 @@ class Runtime:
     or a worker on the machine of a ``coe serve`` does not write into the server's vLLM log; ``telemetry``:
     where spans go (None: as the registry's ``telemetry:`` section and ``OTEL_*`` say; closed with the
     runtime only then); ``explorer``: record routed decisions and publish this process's load for the
-    routing explorer (``/ui``; a server does, a CLI command or worker does not)."""
+    routing explorer (``/ui``; a server does, a CLI command or worker does not); ``attached_backends``:
+    ``launch`` backends another process runs (``coe serve --workers N``), used by URL."""
 
     def __init__(self, config_path: str | Path, *, config: RegistryConfig | None = None,
                  store: StateStore | None = None, transport_factory: TransportFactory | None = None,
@@ -71,11 +72,13 @@ class Runtime:
                  poll_interval_s: float = 1.0,
                  drain_timeout_s: float = 30.0,
                  on_reload: Callable[[Registry], None] | None = None,
-                 telemetry: Telemetry | None = None, explorer: bool = False) -> None:
+                 telemetry: Telemetry | None = None, explorer: bool = False,
+                 attached_backends: Mapping[str, Attached] | None = None) -> None:
         self.config_path = Path(config_path).resolve()
         self._config = config
         self._store = store
         self._transport_factory = transport_factory
+        self._attached = attached_backends
         self._backends = None if backends is None else frozenset(backends)
         self._batches = batches
         self._batch_worker = batch_worker
@@ -119,7 +122,8 @@ class Runtime:
         self.telemetry = self._telemetry or open_telemetry(initial.telemetry)
         self.store = self._store or open_store(initial.store)
         self.pool = BackendPool(transport_factory=self._transport_factory,
-                                health_interval_s=initial.dispatch.health_interval_s, leases=self.store)
+                                health_interval_s=initial.dispatch.health_interval_s, leases=self.store,
+                                attached=self._attached)
         self.dispatcher = Dispatcher(self.pool, initial.dispatch, self.metrics, self.telemetry)
         self.registry = RegistryManager(self.config_path, self.store, self.dispatcher, self.metrics,
                                         router_factory=self._make_router if self._routing else DefaultRouter,

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from fastapi import FastAPI
 
-from coe.backends.pool import TransportFactory
+from coe.backends.pool import Attached, TransportFactory
 from coe.config import RegistryConfig
 from coe.keys import KeyLimiter, KeyRing
 from coe.registry import Registry
@@ -46,13 +46,15 @@ def create_app(
     poll_interval_s: float = 1.0,
     drain_timeout_s: float = 30.0,
     batch_worker: bool | None = None,
+    attached_backends: Mapping[str, Attached] | None = None,
 ) -> FastAPI:
     """Build the API server for the registry at ``config_path``.
 
     ``config``: the file as the caller already loaded it (parsed once per process);
     ``store`` overrides the one the registry's ``store`` section names;
     ``transport_factory`` swaps backend transports (fault injection in tests);
-    ``batch_worker`` overrides ``store.embedded_worker``.
+    ``batch_worker`` overrides ``store.embedded_worker``;
+    ``attached_backends``: ``launch`` backends the supervisor of ``coe serve --workers N`` runs.
     """
     config_path = Path(config_path).resolve()
 
@@ -68,7 +70,8 @@ def create_app(
 
         runtime = Runtime(config_path, config=config, store=store, transport_factory=transport_factory,
                           poll_interval_s=poll_interval_s, drain_timeout_s=drain_timeout_s,
-                          batch_worker=batch_worker, on_reload=on_reload, explorer=True)
+                          batch_worker=batch_worker, on_reload=on_reload, explorer=True,
+                          attached_backends=attached_backends)
         async with runtime:
             vkeys = VirtualKeys(KeyRing(runtime.store), KeyLimiter(runtime.store))
             app.state.coe = ApiState(runtime, keys[0], ChatServing(runtime), vkeys)
