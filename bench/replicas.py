@@ -80,8 +80,7 @@ async def throughput(workdir: Path, config: Path, n: int, args: argparse.Namespa
 async def workers_throughput(workdir: Path, config: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     """One ``coe serve --workers n`` on its own port, no balancer: what more processes on one machine buy."""
     port = free_port()
-    folder = workdir / f"w{n}"
-    folder.mkdir()
+    folder = Path(tempfile.mkdtemp(prefix=f"w{n}-", dir=workdir))
     serve = Proc(f"workers{n}", [coe_command(), "serve", "--config", str(config), "--port", str(port), "--workers",
                                  str(n), "--log-level", "warning"], folder / "serve.log", port).start()
     url = f"http://127.0.0.1:{port}"

@@ -60,6 +60,7 @@ LEASE_SHARE = 0.01
 LEASE_S = 0.5
 """How long a replica admits from a lease before it gives the rest back."""
 LEASE_FIRST = 4
+"""A key's first lease; later ones double or halve from there."""
 
 
 def estimate_tokens(messages: Iterable[Any], max_tokens: int | None, default_completion: int = DEFAULT_COMPLETION
