@@ -6,7 +6,9 @@ what is checked is who starts it and how often, and a real vLLM needs a minute p
 - ``/metrics`` on any worker adds up every worker's requests, including those of a worker that died;
 - a worker killed with SIGKILL is replaced and nothing served before is lost from the counts;
 - SIGTERM stops the workers and the vLLM, exit 0;
-- without a shared store, ``--workers 2`` is refused with exit 2 and says why.
+- without a shared store, ``--workers 2`` is refused with exit 2 and says why;
+- with a two-level router fitted once by the supervisor, a conversation keeps its experts whichever
+  worker routes the next turn (sessions in the store).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from apphelpers import write_registry
 from redis_server import RedisServer, redis_server_fixture
 
@@ -172,6 +175,55 @@ def test_two_workers_one_port_one_vllm_summed_metrics(redis_server: RedisServer,
     finally:
         serve.stop()
         stub.stop()
+
+
+def test_a_session_keeps_its_experts_across_workers(redis_server: RedisServer, tmp_path: Path) -> None:
+    """Two workers, a fitted two-level router (the supervisor fits it once; each worker loads the artifact):
+    a conversation routed to law keeps its experts for a vague follow-up, whichever worker routes it."""
+    from test_twolevel import write_fixture
+
+    stub, stub_url = start_stub(tmp_path)
+    config = write_fixture(tmp_path)
+    reg = yaml.safe_load(config.read_text())
+    reg["backends"]["b"]["url"] = f"{stub_url}/v1"
+    reg["auth"] = {"client_auth": False, "admin_auth": False}
+    reg["store"] = {"redis_url": redis_server.url, "prefix": f"wsess{os.getpid()}"}
+    write_registry(config, reg)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = Proc("serve", [coe_command(), "serve", "--config", str(config), "--port", str(port), "--workers", "2"],
+                 tmp_path / "serve.log", port).start()
+
+    def route(text: str, session: str | None) -> dict[str, object]:
+        body: dict[str, object] = {"model": "coe", "messages": [{"role": "user", "content": text}], "max_tokens": 4}
+        if session:
+            body["user"] = session
+        with httpx.Client(timeout=60) as http:  # a new connection each time: either worker
+            r = http.post(f"{url}/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        decision = r.json()["coe"]["decision"]
+        assert isinstance(decision, dict)
+        return decision
+
+    def names(decision: dict[str, object]) -> list[str]:
+        return [e["name"] for e in decision["experts"]]  # type: ignore[attr-defined]
+
+    try:
+        wait_http(f"{url}/health/ready", serve, 300, "coe serve --workers 2 (two-level)")
+        first = route("Is a contract signed under duress enforceable?", "w-1")
+        assert first["category"] == "law", first
+        vague = "Can you explain that more simply?"
+        alone = route(vague, None)
+        assert alone["category"] != "law" or names(alone) != names(first)
+        for _ in range(6):
+            kept = route(vague, "w-1")
+            assert names(kept) == names(first) and "session kept" in str(kept["reason"]), kept
+    finally:
+        serve.stop()
+        stub.stop()
+    log = serve.tail(10**6)
+    before, _, after = log.partition("Started parent process")
+    assert before.count("fitting it now") == 1 and "fitting" not in after, log[-3000:]  # fitted once, loaded twice
 
 
 if __name__ == "__main__":
