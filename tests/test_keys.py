@@ -230,6 +230,33 @@ async def test_leases_skip_store_steps_and_never_pass_the_limit(redis_server: Re
         await s.close()
 
 
+async def test_a_wrong_secret_costs_one_store_read_per_cache_period(redis_server: RedisServer) -> None:
+    """A client retrying a wrong key does not cost a store read per request; a new key still works at once."""
+    from coe.keys.model import KeyCreate
+    from coe.keys.ring import KeyRing
+    from coe.store.redis import RedisStore
+
+    class CountingStore(RedisStore):  # counts reads; the store itself is the real Redis one
+        reads = 0
+
+        async def get(self, namespace: str, key: str) -> Any:
+            CountingStore.reads += 1
+            return await super().get(namespace, key)
+
+    store = CountingStore.from_url(redis_server.url, prefix=f"ring{random.randrange(10**9)}")
+    ring = KeyRing(store, cache_s=0.3)
+    try:
+        assert all([await ring.lookup("sk-coe-wrong") is None for _ in range(20)])
+        assert CountingStore.reads == 1
+        await asyncio.sleep(0.35)
+        assert await ring.lookup("sk-coe-wrong") is None and CountingStore.reads == 2
+        key, secret = await KeyRing(store).create(KeyCreate(name="fresh"))  # made through another replica
+        found = await ring.lookup(secret)
+        assert found is not None and found.id == key.id
+    finally:
+        await store.close()
+
+
 # -- one in-process coe on Redis: budgets, token limits, ownership -------------------------------------
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -4,7 +4,9 @@ Records live in one namespace keyed by the secret's hash, so a request finds its
 admin operations (rare, few keys) find a key by id by reading the namespace. Each process caches a
 lookup for at most ``cache_s`` (0.5 s): a key revoked through any replica is refused by every replica
 within that time (the issue asks for 1 s), and a busy key costs two store reads per second per replica
-instead of one per request.
+instead of one per request. A secret that matched no key is cached the same way, so a client retrying a
+wrong key costs no store read per request; this cannot delay a new key, whose secret is random and only
+exists (and so can only be looked up) after it was created.
 """
 
 from __future__ import annotations
@@ -61,10 +63,7 @@ class KeyRing:
         else:
             doc: dict[str, Any] | None = await self.store.get(KEYS_NS, digest)
             key = None if doc is None else VirtualKey.model_validate(doc)
-            if key is not None:
-                if len(self._cache) > 10_000:  # bounded: unknown secrets are never cached
-                    self._cache.clear()
-                self._cache[digest] = (now, key)
-            else:
-                self._cache.pop(digest, None)
+            if len(self._cache) > 10_000:  # bounded, whatever tokens come (a flood of random ones clears it)
+                self._cache.clear()
+            self._cache[digest] = (now, key)  # an unknown secret too: no store read per retry of a wrong key
         return key if key is not None and key.usable(now) else None
