@@ -5,7 +5,8 @@
 #   - installs torch==2.13.0+cpu FIRST (never the CUDA build), then `pip install -e '.[cpu,models,router,dev]'`
 #   - removes torchvision/torchaudio/torchcodec (CUDA builds from PyPI that break `import vllm`)
 #   - checks `import vllm, torch`
-#   - installs redis-server, chromium and haproxy with apt-get when missing (tests that need them skip otherwise)
+#   - installs redis-server, chromium, haproxy, podman, runc and debootstrap with apt-get when missing (tests
+#     that need them skip otherwise)
 #
 # A stamp in .venv (hash of pyproject.toml + this script + the venv's python) makes a second run a
 # fast no-op.
@@ -98,6 +99,9 @@ system_tools() {
     install_apt redis-server redis-server "the tests marked 'redis' will skip (macOS: brew install redis)"
     install_apt chromium chromium "the routing explorer's browser tests (marked 'browser') will skip"
     install_apt haproxy haproxy "the multi-replica tests (tests/test_replicas.py) will skip"
+    install_apt podman podman "the container image step of .ci/run (tests/test_container.py) will skip"
+    install_apt runc runc "podman falls back to crun, which cannot run containers in a root sandbox"
+    install_apt debootstrap debootstrap "deploy/image.sh cannot build the image's base"
 }
 
 # --- 1. the virtualenv --------------------------------------------------------------------------
