@@ -6,6 +6,9 @@ adapters, three loaded at start-up and ``tiny-lora-3`` left for run-time loading
 Such tests carry the ``vllm`` marker; ``--no-vllm`` (or ``COE_TESTS_NO_VLLM=1``)
 skips them for a fast local run, and they skip by themselves where vLLM is not
 installed.
+
+``stub``: the STUB upstream (``coe.testing.stub_upstream``) in this process, with the record of what it
+was sent; a module that needs another stub (slow, streaming) defines its own ``stub``, which wins.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import pytest_asyncio
 
 from coe.backends.launch import ManagedVLLM
 from coe.config import LaunchConfig, LoraModule
+from coe.testing.server import serve_app
+from coe.testing.stub_upstream import StubRecord, create_stub_app
 
 NO_VLLM_ENV = "COE_TESTS_NO_VLLM"
 LOADED_ADAPTERS = ("tiny-lora-0", "tiny-lora-1", "tiny-lora-2")
@@ -30,6 +35,13 @@ VLLM_ARGS = ["--dtype", "float32", "--max-model-len", "512"]
 """Measured: --enforce-eager and VLLM_ENABLE_V1_MULTIPROCESSING=0 do not help (the latter starts ~10 s
 sooner but serves concurrent requests ~30x slower); start-up is mostly three processes importing vLLM."""
 VLLM_STARTUP_TIMEOUT_S = 300.0
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def stub() -> AsyncIterator[tuple[str, StubRecord]]:
+    record = StubRecord()
+    async with serve_app(create_stub_app(record=record)) as url:
+        yield url, record
 
 
 @pytest.fixture(scope="session", autouse=True)

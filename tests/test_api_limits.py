@@ -17,17 +17,9 @@ import pytest
 import pytest_asyncio
 from apphelpers import RunningCoe, running_coe, write_registry
 
-from coe.testing.server import serve_app
-from coe.testing.stub_upstream import StubRecord, create_stub_app
+from coe.testing.stub_upstream import StubRecord
 
 MSG = [{"role": "user", "content": "hello there"}]
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def stub() -> AsyncIterator[tuple[str, StubRecord]]:
-    record = StubRecord()
-    async with serve_app(create_stub_app(record=record)) as url:
-        yield url, record
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -30,8 +30,8 @@ from apphelpers import RunningCoe, running_coe, write_registry
 from redis_server import RedisServer, redis_server_fixture
 
 from coe.testing.replicas import Proc, coe_command, start_stub, wait_http
-from coe.testing.server import free_port, serve_app
-from coe.testing.stub_upstream import StubRecord, create_stub_app
+from coe.testing.server import free_port
+from coe.testing.stub_upstream import StubRecord
 
 pytestmark = pytest.mark.redis
 
@@ -258,13 +258,6 @@ async def test_a_wrong_secret_costs_one_store_read_per_cache_period(redis_server
 
 
 # -- one in-process coe on Redis: budgets, token limits, ownership -------------------------------------
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def stub() -> AsyncIterator[tuple[str, StubRecord]]:
-    record = StubRecord()
-    async with serve_app(create_stub_app(record=record)) as url:
-        yield url, record
-
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def coe(stub: tuple[str, StubRecord], redis_server: RedisServer, tmp_path: Path,

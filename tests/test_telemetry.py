@@ -35,8 +35,7 @@ from coe.errors import ConfigError
 from coe.telemetry import OFF, Telemetry, inject
 from coe.telemetry.setup import open_telemetry, resolve
 from coe.testing.recording import RecordingTransport
-from coe.testing.server import serve_app
-from coe.testing.stub_upstream import StubRecord, create_stub_app
+from coe.testing.stub_upstream import StubRecord
 
 MAX_CONTENT = 40
 GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 8}
@@ -413,13 +412,6 @@ async def test_streaming(coe: RunningCoe, record: RecordingTransport, receiver: 
 
 
 # -- against the stub upstream: propagation, the off switch, batches ----------------------------
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def stub() -> AsyncIterator[tuple[str, StubRecord]]:
-    rec = StubRecord()
-    async with serve_app(create_stub_app(record=rec)) as url:
-        yield url, rec
 
 
 def stub_registry(url: str, telemetry: dict[str, Any]) -> dict[str, Any]:
