@@ -1,7 +1,12 @@
 """Does composition beat the best single expert? The skill pack's quality benchmark.
 
-    .venv/bin/python bench/quality.py --start            # starts `coe serve` on experts.yaml, ~45 min
+    .venv/bin/python bench/quality.py --start            # starts `coe serve` on experts.yaml, <= ~45 min
     .venv/bin/python bench/quality.py --start --quick    # 20 items per skill + part 1, about 10 min
+
+The default takes 100 of part 2's 200 items per skill (``--per-skill 0`` takes all, about 1.5 hours on
+2 cores) and gives the k = 3 arms, which cost 4-5 calls a question, the first half of them
+(``--composed-per-skill``); ``k3_against_k1`` in the results compares them with k = 1 on those same
+questions.
     .venv/bin/python bench/quality.py --base-url http://127.0.0.1:8080/v1   # a running service
 
 Runs both evaluation parts (``bench/data/quality/``, built by ``bench/quality_data.py``) through
@@ -54,6 +59,8 @@ import tasks  # noqa: E402
 DATA = ROOT / "bench" / "data" / "quality"
 RESULTS = ROOT / "bench" / "results"
 SKILL_NAMES = list(tasks.SKILLS)
+# Defaults sized to the issue's budget on 2 cores: the whole run in about 45 minutes, --quick in 10.
+DEFAULT_PER_SKILL, QUICK_PER_SKILL = 100, 20
 
 
 @dataclass
@@ -62,6 +69,7 @@ class Arm:
     model: Callable[[dict[str, Any]], str]
     coe: dict[str, Any] | None = None
     quick: bool = True
+    costly: bool = False  # k = 3: three or more calls a question, so run on the composed subset
 
 
 def arms(extra: Sequence[str]) -> list[Arm]:
@@ -70,8 +78,8 @@ def arms(extra: Sequence[str]) -> list[Arm]:
     out += [Arm(f"expert:{e}", lambda i, e=e: e) for e in extra]  # type: ignore[misc]
     out += [Arm("oracle", lambda i: str(i["skill"])),
             Arm("coe k=1", lambda i: "coe", {"k": 1}),
-            Arm("coe k=3 vote", lambda i: "coe", {"k": 3, "strategy": "vote"}),
-            Arm("coe k=3 synthesize", lambda i: "coe", {"k": 3, "strategy": "synthesize"}),
+            Arm("coe k=3 vote", lambda i: "coe", {"k": 3, "strategy": "vote"}, costly=True),
+            Arm("coe k=3 synthesize", lambda i: "coe", {"k": 3, "strategy": "synthesize"}, costly=True),
             Arm("coe (router k)", lambda i: "coe"),
             Arm("coe level2 off", lambda i: "coe", {"level2": False})]
     return out
@@ -103,8 +111,8 @@ def load(quick: bool, per_skill: int | None, seed: int, two_skill: bool = False,
         for r in rows:
             r["part"] = part
         if part == "part2":
-            limit = 20 if quick and per_skill is None else per_skill
-            if limit is not None:
+            limit = per_skill if per_skill is not None else (QUICK_PER_SKILL if quick else DEFAULT_PER_SKILL)
+            if limit:
                 rng = random.Random(seed)
                 rows = [r for s in SKILL_NAMES for r in rng.sample([x for x in rows if x["skill"] == s],
                                                                    min(limit, sum(x["skill"] == s for x in rows)))]
@@ -288,6 +296,51 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def composed_subset(items: list[dict[str, Any]], per_skill: int | None) -> list[dict[str, Any]]:
+    """The items of the k = 3 arms: every part-1 and two-skill item, and the first ``per_skill`` part-2
+    items of each skill (half of the others' by default). A subset of the k = 1 arm's items, so that
+    ``k3_against_k1`` compares the two on the same questions."""
+    part2 = [i for i in items if i["part"] == "part2"]
+    if per_skill is None:
+        per_skill = max(1, max((sum(i["skill"] == s for i in part2) for s in SKILL_NAMES), default=0) // 2)
+    seen: dict[str, int] = {}
+    out = []
+    for it in items:
+        if it["part"] == "part2":
+            seen[it["skill"]] = seen.get(it["skill"], 0) + 1
+            if seen[it["skill"]] > per_skill:
+                continue
+        out.append(it)
+    return out
+
+
+def k3_against_k1(all_rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Each k = 3 arm against k = 1 on the same questions, per part and skill: accuracy gained and the
+    cost paid for it (expert calls and tokens, as ratios). Composition that costs 3x and gains nothing
+    shows here."""
+    k1 = {r["id"]: r for r in all_rows["coe k=1"]}
+    out: dict[str, Any] = {}
+    for arm in ("coe k=3 vote", "coe k=3 synthesize"):
+        rows = [r for r in all_rows.get(arm, []) if r["id"] in k1]
+        if not rows:
+            continue
+        per: dict[str, Any] = {}
+        for part in ("part1", "part2"):
+            for skill in ("all", *SKILL_NAMES):
+                sel = [r for r in rows if r["part"] == part and (skill == "all" or r["skill"] == skill)]
+                if not sel:
+                    continue
+                base = [k1[r["id"]] for r in sel]
+                n, right3, right1 = len(sel), sum(r["correct"] for r in sel), sum(r["correct"] for r in base)
+                per[f"{part}/{skill}"] = {
+                    "n": n, "k1_accuracy": round(right1 / n, 4), "k3_accuracy": round(right3 / n, 4),
+                    "gain_points": round(100 * (right3 - right1) / n, 1),
+                    "calls_ratio": round(sum(r["calls"] for r in sel) / max(1, sum(r["calls"] for r in base)), 2),
+                    "tokens_ratio": round(sum(r["tokens"] for r in sel) / max(1, sum(r["tokens"] for r in base)), 2)}
+        out[arm] = per
+    return out
+
+
 def verdict(results: dict[str, Any]) -> dict[str, Any]:
     """The issue's targets, computed (never asserted): routed vs the best single expert and the oracle."""
     arms_ = results["arms"]
@@ -387,8 +440,13 @@ def main() -> int:
     parser.add_argument("--base-url", default="http://127.0.0.1:8080/v1", help="a running coe (its /v1)")
     parser.add_argument("--start", action="store_true", help="start `coe serve` on --config for the run")
     parser.add_argument("--config", default=str(ROOT / "experts.yaml"))
-    parser.add_argument("--quick", action="store_true", help="20 part-2 items per skill, and part 1")
-    parser.add_argument("--per-skill", type=int, help="part-2 items per skill (default: all 200)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK_PER_SKILL} part-2 items per skill, and part 1 (about 10 min)")
+    parser.add_argument("--per-skill", type=int,
+                        help=f"part-2 items per skill (default {DEFAULT_PER_SKILL}; 0: all 200)")
+    parser.add_argument("--composed-per-skill", type=int,
+                        help="part-2 items per skill for the k=3 arms, the first of the others' "
+                             "(default: half of --per-skill; they cost 4-5 calls a question)")
     parser.add_argument("--arms", help="comma-separated arm names to run (default: all)")
     parser.add_argument("--arm-expert", action="append", default=[], metavar="NAME",
                         help="also run this registered expert alone (e.g. a merged adapter)")
@@ -409,6 +467,7 @@ def main() -> int:
     if args.smoke:
         items = [i for part in ("part1", "part2", "two") for i in [x for x in items if x["part"] == part][:3]]
     chosen = [a for a in arms(args.arm_expert) if not args.arms or a.name in args.arms.split(",")]
+    composed = composed_subset(items, args.composed_per_skill)
     chosen += [Arm(f"merged:{m}", lambda i, m=m: merged_name(m)) for m in args.merge]  # type: ignore[misc]
     proc = None
     base_url = args.base_url
@@ -423,6 +482,7 @@ def main() -> int:
     results: dict[str, Any] = {
         "command": "python bench/quality.py " + " ".join(sys.argv[1:]), "stamp": stamp,
         "items": {part: sum(i["part"] == part for i in items) for part in ("part1", "part2", "two")},
+        "composed_items": {part: sum(i["part"] == part for i in composed) for part in ("part1", "part2", "two")},
         "arms": {}}
     all_rows = {}
     try:
@@ -430,7 +490,8 @@ def main() -> int:
             merges[method] = create_merged(base_url, method, args.merge_density, args.merge_rank, stamp)
         results["merges"] = merges
         for arm in chosen:
-            arm_items = [i for i in items if not (arm.name == "oracle" and i["part"] == "two")]
+            arm_items = [i for i in (composed if arm.costly else items)
+                         if not (arm.name == "oracle" and i["part"] == "two")]
             answers, wall = run_arm(client, arm, arm_items, args.max_tokens)
             rows = score(arm_items, answers)
             all_rows[arm.name] = rows
@@ -449,6 +510,11 @@ def main() -> int:
             config.unlink(missing_ok=True)
     if {"oracle"} <= set(results["arms"]):
         results["verdict"] = verdict(results)
+    if "coe k=1" in all_rows:
+        results["k3_against_k1"] = k3_against_k1(all_rows)
+        for arm, per in results["k3_against_k1"].items():
+            print(f"{arm} against k=1 on the same questions: " + "; ".join(
+                f"{key} {v['gain_points']:+.1f} pts at {v['calls_ratio']}x calls" for key, v in per.items()))
         print(json.dumps(results["verdict"], indent=2))
     out = RESULTS / f"quality-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

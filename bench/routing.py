@@ -22,6 +22,11 @@ What it does, in one run
    router's first choice (same pool rules, so only level 2 differs), whether that helped or hurt,
    and concrete examples.
 3. A confusion matrix of the question-only view (gold rows, first choice columns) as a PNG (Pillow).
+4b. Other sources: ``bench/other_sources.py``, real BIG-bench questions (never MMLU, never fitted on) each
+   labelled with the expert whose MMLU subjects cover its task, or ``generalist``. Its ``dev`` half is
+   routed every run; ``--holdout`` adds the other half (once, at the end). Top-1/top-3, the specialists'
+   questions and the generalist's apart (``abstained``: the generalist recruited), level 1's ECE, and
+   the kNN-10 baseline on the same rows.
 4. Generalization: ``GEN_SET`` of ``bench/router_level1_study.py`` (hand-written code, cert, calc,
    clinical, legal, short queries): top-1/top-3 per style, two-level and level-1-only.
 5. Speed, interleaved so machine noise hits every system alike: one decision at a time
@@ -86,6 +91,9 @@ from routers.classifier import CategoryClassifier, faiss_index
 from routers.decisions import record
 from routers.fit import embedder_id, fingerprint, fit, write_artifact
 from routers.profiles import Outcome, build_profiles
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import other_sources  # bench/other_sources.py: the BIG-bench set labelled with these experts
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -289,6 +297,55 @@ async def route_all(router: Router, texts: Sequence[str], experts: Sequence[Expe
     return out
 
 
+def ece(decisions: Sequence[RoutingDecision], gold_cats: Sequence[str], bins: int = 15) -> float | None:
+    """Calibration of level 1 on a set: |confidence - accuracy| of its category, averaged over 15
+    equal-width confidence bins weighted by their counts (the issue's definition)."""
+    pairs = [(d.confidence, d.category == c) for d, c in zip(decisions, gold_cats, strict=True)
+             if d.confidence is not None]
+    if not pairs:
+        return None
+    conf = np.array([p for p, _ in pairs], dtype=float)
+    hit = np.array([h for _, h in pairs], dtype=float)
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    total = sum(abs(conf[which == b].mean() - hit[which == b].mean()) * (which == b).sum()
+                for b in range(bins) if (which == b).any())
+    return round(float(total / len(pairs)), 4)
+
+
+ABSTAIN_AT = (0.2, 0.3, 0.4, 0.5)
+
+
+def abstain_curve(decisions: Sequence[RoutingDecision], gold: Sequence[str], generalist: str) -> dict[str, float]:
+    """What top-1 would be if the generalist went *first* whenever level 1's confidence is below t
+    (today it is appended after the specialists): a calibrated abstention, read off the same decisions."""
+    out = {}
+    for t in ABSTAIN_AT:
+        first = [generalist if d.confidence is not None and d.confidence < t else
+                 (d.experts[0].name if d.experts else None) for d in decisions]
+        out[f"{t:g}"] = rate([f == g for f, g in zip(first, gold, strict=True)])
+    return out
+
+
+def other_metrics(decisions: Sequence[RoutingDecision], rows: Sequence[dict[str, Any]],
+                  cat_of: dict[str, str], generalist: str) -> dict[str, Any]:
+    """The other-sources set: top-1/top-3 as on MMLU, and apart, the specialists' questions and the
+    generalist's (where abstaining is right: ``abstained`` = the generalist was recruited at all)."""
+    gold = [r["gold"] for r in rows]
+    top1 = np.array([bool(d.experts) and d.experts[0].name == g for d, g in zip(decisions, gold, strict=True)])
+    top3 = np.array([g in [c.name for c in d.candidates[:3]] for d, g in zip(decisions, gold, strict=True)])
+    with_g = np.array([generalist in d.names() for d in decisions])
+    spec = np.array([g != generalist for g in gold])
+    return {
+        "n": len(rows), "top1": rate(top1), "top3": rate(top3),
+        "specialist_questions": {"n": int(spec.sum()), "top1": rate(top1[spec]), "top3": rate(top3[spec]),
+                                 "generalist_recruited": rate(with_g[spec])},
+        "generalist_questions": {"n": int((~spec).sum()), "top1": rate(top1[~spec]),
+                                 "abstained": rate(with_g[~spec])},
+        "ece_category": ece(decisions, [cat_of.get(g, "other") for g in gold]),
+        "top1_if_generalist_first_below": abstain_curve(decisions, gold, generalist),
+    }
+
+
 def mmlu_metrics(decisions: Sequence[RoutingDecision], gold_cats: Sequence[str], expert_of: dict[str, str],
                  classes: Sequence[str]) -> dict[str, Any]:
     gold = [expert_of[c] for c in gold_cats]
@@ -312,6 +369,8 @@ def mmlu_metrics(decisions: Sequence[RoutingDecision], gold_cats: Sequence[str],
         "confident_top1": rate(top1[~fallback]) if (~fallback).any() else None,
         "recruited_k": {str(k): v for k, v in sorted(k_counts.items())},
         "macro_top1": round(float(np.mean([v["top1"] for v in per_class.values()])), 4),
+        "ece_category": ece(decisions, gold_cats),
+        "top1_if_generalist_first_below": abstain_curve(decisions, gold, expert_of.get("other", "generalist")),
         "per_class": per_class,
     }
 
@@ -771,6 +830,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                     "confidence": d.confidence, "skills": d.skills}
                                    for d, (t, c, s) in zip(g2, gen, strict=True) if d.experts[0].name != expert_of[c]]
 
+    # 4b. other sources: real BIG-bench questions labelled with these experts (bench/other_sources.py)
+    other_rows = other_sources.load(seed=args.seed) if other_sources.BIGBENCH.exists() else []
+    other_out: dict[str, Any] = {}
+    other_two: dict[str, list[RoutingDecision]] = {}
+    for split in ("dev", *(("holdout",) if args.holdout else ())):
+        rs = [r for r in other_rows if r["split"] == split]
+        if not rs:
+            continue
+        o2 = await route_all(two, [r["text"] for r in rs], cfg.experts)
+        o1 = await route_all(one, [r["text"] for r in rs], cfg.experts)
+        other_two[split] = o2
+        other_out[split] = {"two_level": other_metrics(o2, rs, cat_of, cfg.router.generalist or "generalist"),
+                            "level1_only": other_metrics(o1, rs, cat_of, cfg.router.generalist or "generalist")}
+
     # 5. speed, with the kNN baseline built on the train split's questions
     print("kNN baseline: embedding the train split ...")
     cls_idx = {c: i for i, c in enumerate(classes)}
@@ -787,6 +860,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         top3 = np.argsort(-v, axis=1)[:, :3]
         knn_quality[view] = {"top1": rate(v.argmax(axis=1) == y_held),
                              "top3": rate((top3 == y_held[:, None]).any(axis=1))}
+    cat_idx_of = {e: cls_idx[c] for e, c in cat_of.items() if c in cls_idx}
+    for split, cell in other_out.items():
+        rs = [r for r in other_rows if r["split"] == split]
+        y = np.array([cat_idx_of.get(r["gold"], cls_idx.get("other", -1)) for r in rs])
+        v = knn.predict([r["text"] for r in rs])
+        spec = np.array([r["gold"] != (cfg.router.generalist or "generalist") for r in rs])
+        hit = v.argmax(axis=1) == y
+        cell["knn_10"] = {"top1": rate(hit), "top3": rate((np.argsort(-v, axis=1)[:, :3] == y[:, None]).any(axis=1)),
+                          "specialist_top1": rate(hit[spec]), "generalist_top1": rate(hit[~spec])}
     print("speed ...")
     spd = await speed(two, one, knn, embedder, texts_q, cfg.experts, args.single, args.batch, args.seed)
     spd["knn_baseline"] = {"k": KNN_K, "train_rows": len(train_idx), "index_build_s": round(knn.build_s, 1),
@@ -816,6 +898,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "confusion_question_view": {"classes": classes, "rows_gold_cols_first_choice": cm.tolist(),
                                     "png": str(png.relative_to(ROOT))},
         "generalization": gen_out,
+        "other_sources": {"source": "bench/other_sources.py (BIG-bench 1.0.0, bigbench_dev.jsonl)",
+                          "holdout_run": bool(args.holdout), **other_out},
         "speed": spd,
         "bigbench_skills": bb,
         "targets": {
@@ -850,7 +934,8 @@ def print_summary(r: dict[str, Any], out: Path) -> None:
         weak = sorted(t["per_class"].items(), key=lambda kv: kv[1]["top1"])[:4]
         print(f"{view:17} two-level top-1 {t['top1']:.3f} top-3 {t['top3']:.3f} (macro {t['macro_top1']:.3f}); "
               f"level-1 only {o['top1']:.3f}; classifier argmax {t['classifier_argmax_top1']:.3f}; "
-              f"fallback {t['fallback_rate']:.3f}")
+              f"fallback {t['fallback_rate']:.3f}; ECE {t['ece_category']}; generalist first below t: "
+              f"{t['top1_if_generalist_first_below']}")
         print(f"{'':17} weakest: " + ", ".join(f"{c} {x['top1']:.2f}" for c, x in weak)
               + f"; level 2 changed the first choice {e['first_choice_differs_from_level1_only_router']}x "
               f"(helped {e['helped']}, hurt {e['hurt']})")
@@ -858,6 +943,17 @@ def print_summary(r: dict[str, Any], out: Path) -> None:
     print(f"generalization ({g['n']}): two-level top-1 {g['two_level']['top1']:.2f}, level-1 only "
           f"{g['level1_only']['top1']:.2f}; per style " +
           ", ".join(f"{s} {c['two_level_top1']:.2f}" for s, c in g["per_style"].items()))
+    for split, o in r.get("other_sources", {}).items():
+        if not isinstance(o, dict):
+            continue
+        t, one, k = o["two_level"], o["level1_only"], o.get("knn_10", {})
+        print(f"other sources {split} ({t['n']}): two-level top-1 {t['top1']:.3f} top-3 {t['top3']:.3f} "
+              f"ECE {t['ece_category']}; level-1 only {one['top1']:.3f}; kNN-10 {k.get('top1', float('nan')):.3f}; "
+              f"specialists ({t['specialist_questions']['n']}) top-1 {t['specialist_questions']['top1']:.3f} "
+              f"(kNN {k.get('specialist_top1', float('nan')):.3f}); generalist's ({t['generalist_questions']['n']}) "
+              f"abstained {t['generalist_questions']['abstained']:.3f}, first {t['generalist_questions']['top1']:.3f}")
+        print(f"{'':13} top-1 if the generalist went first below confidence t: "
+              f"{t['top1_if_generalist_first_below']}")
     s = r["speed"]
     for name in ("two-level", "embedding", "knn-10", "embed-only", "knn-10-encode-batch-8"):
         one = s["single"].get(name)
@@ -890,6 +986,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64, help="batch size of the throughput rounds")
     ap.add_argument("--reuse-artifact", action="store_true",
                     help="reuse /tmp/coe-bench-routing/artifact when its fingerprint matches (else fit)")
+    ap.add_argument("--holdout", action="store_true",
+                    help="also route the other-sources holdout half (run it once, at the end)")
     ap.add_argument("--out", default=None, help="results JSON path (default bench/results/routing-<stamp>.json)")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,9 @@ For each request:
 2. When level 1 is confident (``confidence >= router.threshold``) the candidates
    are the top category's experts; otherwise every specialist is a candidate.
 3. Level 2 scores candidates by ``w_m = S_m(q) × γ_m``; an expert's score is
-   ``(1 − β)·P1(m) + β·share(w_m)`` with ``β = router.level2_weight``.
+   ``(1 − β)·P1(m) + β·share(w_m)`` with ``β = router.level2_weight`` once some
+   expert has a measured profile (``coe profile``), and ``β = 0`` while every
+   profile is synthetic: those restate the declarations level 1 was fitted on.
 4. k adapts to difficulty, from ``k_min`` (confident level 1, strong skill match)
    to ``k_max`` (level 1 at or below its threshold, no skill match).
 5. When level 1 is unsure, the specialists stay first and the generalist is
@@ -121,7 +123,11 @@ class TwoLevelRouter(Router):
             matched = skills_override if skills_override is not None else \
                 self.recruiter.nearest_skills(result.vector, profiles)
         skills = [s for s, _ in matched]
-        beta = 0.0 if not use_level2 else (1.0 if self.level1 is None else rc.level2_weight)
+        # Synthetic profiles restate the declared skills and categories, which level 1 was already
+        # fitted on; mixing them in again moved more MMLU first choices for the worse than for the
+        # better (bench/README.md, issue 16). So beside level 1, level 2 counts only on evidence.
+        measured = any(not p.synthetic for p in profiles.experts.values())
+        beta = 0.0 if not use_level2 else (1.0 if self.level1 is None else (rc.level2_weight if measured else 0.0))
         names = [e.name for e in experts]
         # No skill matched: S_m(q) is 0 for everyone, so global strength alone ranks (not file order).
         w = positive_shares(self.recruiter.fit_scores(skills, profiles, names) if skills
@@ -142,7 +148,7 @@ class TwoLevelRouter(Router):
         fallback = not confident and generalist is not None
         if fallback and generalist not in recruited:
             recruited.append(str(generalist))
-        reason = self._reason(category, confidence, confident, skills, k, beta, use_level2)
+        reason = self._reason(category, confidence, confident, skills, k, beta, use_level2, measured)
         recruited, category, reason = await self._session(request, recruited, category, confidence, reason,
                                                           names)
         candidates = ranked(experts)[:CANDIDATES]
@@ -186,7 +192,7 @@ class TwoLevelRouter(Router):
         return rc.k_min + round((rc.k_max - rc.k_min) * difficulty)
 
     def _reason(self, category: str | None, confidence: float | None, confident: bool, skills: list[str],
-                k: int, beta: float, use_level2: bool) -> str:
+                k: int, beta: float, use_level2: bool, measured: bool = True) -> str:
         parts = []
         if category is not None and confidence is not None:
             parts.append(f"category {category!r} at {confidence:.3f} "
@@ -195,7 +201,7 @@ class TwoLevelRouter(Router):
             parts.append(f"skills {', '.join(skills)}")
         parts.append(f"k={k}")
         if use_level2 and self.level1 is not None:
-            parts.append(f"level-2 weight {beta:.2f}")
+            parts.append(f"level-2 weight {beta:.2f}" + ("" if measured else " (no measured profiles)"))
         elif self.use_level2:
             parts.append("level 2 off for this request")
         return "; ".join(parts)

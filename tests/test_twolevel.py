@@ -284,6 +284,28 @@ def test_level2_reranks_with_measured_profiles_and_picks_up_a_new_profile(tmp_pa
     assert off.experts[0].name != "newcomer"
 
 
+def test_beside_level1_level2_counts_only_measured_profiles(
+        router: TwoLevelRouter, cfg: RegistryConfig, fixture_dir: Path, tmp_path: Path) -> None:
+    """Synthetic profiles restate the declarations level 1 was fitted on: with only those, the two-level
+    scores are level 1's. A measured profile (``coe profile``) brings level 2 back at its weight."""
+    from routers.profiles import ExpertProfile, ProfileSet
+
+    rows = [json.loads(line) for line in (fixture_dir / "data.jsonl").read_text().splitlines()][::10]
+    requests = [RouteRequest(messages=[{"role": "user", "content": r["question"]}]) for r in rows]
+    decisions = asyncio.run(router.route_many(requests, cfg.experts))
+    for d in decisions:
+        level1 = {c.name: c.score for c in d.level1}
+        assert all(e.score == level1.get(e.name, 0.0) for e in d.experts if e.name != "generalist"), d
+        assert "(no measured profiles)" in d.reason
+    ProfileSet(experts={"math": ExpertProfile(expert="math", skills={"calculus": 8, "algebra": 8},
+                                              answered=10, correct=9)}).save(tmp_path / "profiles.json")
+    measured = cfg.model_copy(update={"router": cfg.router.model_copy(update={"profiles": tmp_path / "profiles.json"})})
+    after = asyncio.run(make_router(measured).route_many(requests, measured.experts))
+    changed = [d for d in after if any(e.score != {c.name: c.score for c in d.level1}.get(e.name, 0.0)
+                                       for e in d.experts if e.name != "generalist")]
+    assert changed and all("no measured profiles" not in d.reason for d in after)
+
+
 def test_annotator_keywords_repeated_across_samples_map_to_profile_skills(cfg: RegistryConfig) -> None:
     """The annotator is an LLM; a scripted one (named for what it is) pins the voting rule: keep keywords
     seen in at least min_count of the samples, then map each to its nearest profile skill."""
