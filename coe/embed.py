@@ -231,15 +231,19 @@ class OnnxMiniLM(Embedder):
     ``encode`` is safe to call from several threads (onnxruntime and tokenizers both allow it).
     """
 
-    def __init__(self, cache_dir: Path | None = None, *, quantize: bool = False, spin: bool = False) -> None:
+    def __init__(self, cache_dir: Path | None = None, *, quantize: bool = False, spin: bool = False,
+                 max_tokens: int | None = None) -> None:
         """``spin=True`` lets onnxruntime's threads busy-wait between calls: ~1 ms faster per query on an
-        idle machine, but 2x slower when anything else wants the two cores (the event loop, vLLM)."""
+        idle machine, but 2x slower when anything else wants the two cores (the event loop, vLLM).
+        ``max_tokens`` truncates below the model's own limit (256): the encoder's cost grows with
+        length, and the start of a long question usually says what it is about."""
         kind = "onnx-int8" if quantize else "onnx"
         ort = _require("onnxruntime", kind)
         tokenizers = _require("tokenizers", kind)
         self.path = model_path()
         self.quantize = quantize
-        self.name = f"all-MiniLM-L6-v2:{kind}"
+        limit = _max_length(self.path) if max_tokens is None else min(max_tokens, _max_length(self.path))
+        self.name = f"all-MiniLM-L6-v2:{kind}" + ("" if max_tokens is None else f":{limit}")
         self.dim = int(_read_json(self.path / "config.json")["hidden_size"])
         root = (cache_dir if cache_dir is not None else DEFAULT_CACHE_ROOT).expanduser()
         self.cache_path = root / f"minilm-{model_hash(self.path)}"
@@ -249,7 +253,7 @@ class OnnxMiniLM(Embedder):
 
         # tokenizer.json ships with truncation at 128 and fixed padding to 128: replace both.
         self.tokenizer = tokenizers.Tokenizer.from_file(str(self.path / "tokenizer.json"))
-        self.tokenizer.enable_truncation(max_length=_max_length(self.path))
+        self.tokenizer.enable_truncation(max_length=limit)
         self.tokenizer.no_padding()
 
         options = ort.SessionOptions()
@@ -347,6 +351,8 @@ def _mean_pool_normalize(hidden: Matrix, mask: npt.NDArray[np.int64]) -> Matrix:
 EMBEDDERS: dict[str, Callable[..., Embedder]] = {
     "onnx": OnnxMiniLM,
     "onnx-int8": functools.partial(OnnxMiniLM, quantize=True),
+    "onnx-128": functools.partial(OnnxMiniLM, max_tokens=128),
+    "onnx-int8-128": functools.partial(OnnxMiniLM, quantize=True, max_tokens=128),
     "torch": TorchMiniLM,
 }
 """Backends by name; every factory takes ``cache_dir``. Add one line per new backend."""

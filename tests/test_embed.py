@@ -79,7 +79,8 @@ def stand_in_export(monkeypatch: pytest.MonkeyPatch, onnx_embedder: embed.OnnxMi
 
 
 def test_unknown_kind_is_a_clear_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"unknown kind 'onnx-fp16' \(known: onnx, onnx-int8, torch\)"):
+    known = r"\(known: onnx, onnx-128, onnx-int8, onnx-int8-128, torch\)"
+    with pytest.raises(ConfigError, match=rf"unknown kind 'onnx-fp16' {known}"):
         embed.load_embedder("onnx-fp16", tmp_path)
 
 
@@ -102,6 +103,22 @@ def test_int8_is_close_to_torch(cache_root: Path, reference: npt.NDArray[np.floa
     got = int8.encode(SENTENCES)
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     assert min(cosines(got, reference)) >= 0.95
+
+
+@needs_router
+def test_onnx_128_reads_only_the_first_128_tokens(cache_root: Path, onnx_embedder: embed.Embedder) -> None:
+    """Two texts that differ only after token 128: the same row from ``onnx-128``, different rows from
+    ``onnx`` (whose limit is 256). Short texts are unchanged."""
+    import numpy as np
+
+    short = embed.load_embedder("onnx-128", cache_root)
+    head = " ".join(["the history of the roman empire"] * 30)  # about 180 tokens
+    texts = [head + " and its coins", head + " compared with quantum chromodynamics"]
+    cut, whole = short.encode(texts), onnx_embedder.encode(texts)
+    assert np.allclose(cut[0], cut[1], atol=1e-6) and not np.allclose(whole[0], whole[1], atol=1e-3)
+    few = SENTENCES[:6]  # all under 128 tokens
+    assert np.allclose(short.encode(few), onnx_embedder.encode(few), atol=1e-5)
+    assert short.name.endswith(":128") and short.name != onnx_embedder.name  # a different router artifact
 
 
 @needs_router
