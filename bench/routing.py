@@ -833,14 +833,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     # 4b. other sources: real BIG-bench questions labelled with these experts (bench/other_sources.py)
     other_rows = other_sources.load(seed=args.seed) if other_sources.BIGBENCH.exists() else []
     other_out: dict[str, Any] = {}
-    other_two: dict[str, list[RoutingDecision]] = {}
     for split in ("dev", *(("holdout",) if args.holdout else ())):
         rs = [r for r in other_rows if r["split"] == split]
         if not rs:
             continue
         o2 = await route_all(two, [r["text"] for r in rs], cfg.experts)
         o1 = await route_all(one, [r["text"] for r in rs], cfg.experts)
-        other_two[split] = o2
         other_out[split] = {"two_level": other_metrics(o2, rs, cat_of, cfg.router.generalist or "generalist"),
                             "level1_only": other_metrics(o1, rs, cat_of, cfg.router.generalist or "generalist")}
 
