@@ -753,6 +753,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         base = base.model_copy(update={"router": base.router.model_copy(update={"embedder": args.embedder})})
     if args.level2_weight is not None:
         base = base.model_copy(update={"router": base.router.model_copy(update={"level2_weight": args.level2_weight})})
+    if args.router_set:  # any other router setting, validated like the YAML: --router-set choices_view=true
+        settings = {**base.router.model_dump(), **{k: json.loads(v) for k, v in
+                                                  (kv.split("=", 1) for kv in args.router_set)}}
+        base = base.model_copy(update={"router": type(base.router).model_validate(settings)})
     expert_of = {c: e.name for e in base.experts for c in e.categories}
     cat_of = {e.name: e.categories[0] for e in base.experts if e.categories}
 
@@ -767,6 +771,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     embedder = shared_embedder(base.router.embedder)
     t0 = time.perf_counter()
     artifact = WORK / ("artifact" if not args.embedder else f"artifact-{args.embedder}")
+    if args.router_set:
+        tag = hashlib.sha256("|".join(args.router_set).encode()).hexdigest()[:8]
+        artifact = artifact.with_name(f"{artifact.name}-{tag}")
     cfg, fit_report = fit_on_train(base, train_file, artifact, embedder, args.reuse_artifact)
     fit_wall = time.perf_counter() - t0
     classes = list(fit_report["classes"])
@@ -984,6 +991,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64, help="batch size of the throughput rounds")
     ap.add_argument("--reuse-artifact", action="store_true",
                     help="reuse /tmp/coe-bench-routing/artifact when its fingerprint matches (else fit)")
+    ap.add_argument("--router-set", action="append", default=[], metavar="KEY=JSON",
+                    help="override one router setting of the example, e.g. choices_view=true (repeatable)")
     ap.add_argument("--holdout", action="store_true",
                     help="also route the other-sources holdout half (run it once, at the end)")
     ap.add_argument("--out", default=None, help="results JSON path (default bench/results/routing-<stamp>.json)")
