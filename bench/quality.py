@@ -510,12 +510,12 @@ def main() -> int:
             config.unlink(missing_ok=True)
     if {"oracle"} <= set(results["arms"]):
         results["verdict"] = verdict(results)
+        print(json.dumps(results["verdict"], indent=2))
     if "coe k=1" in all_rows:
         results["k3_against_k1"] = k3_against_k1(all_rows)
         for arm, per in results["k3_against_k1"].items():
             print(f"{arm} against k=1 on the same questions: " + "; ".join(
                 f"{key} {v['gain_points']:+.1f} pts at {v['calls_ratio']}x calls" for key, v in per.items()))
-        print(json.dumps(results["verdict"], indent=2))
     out = RESULTS / f"quality-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -89,7 +89,7 @@ from coe.loader import load_registry
 from routers import Router, RouteRequest, RoutingDecision, make_router
 from routers.classifier import CategoryClassifier, faiss_index
 from routers.decisions import record
-from routers.fit import embedder_id, fingerprint, fit, write_artifact
+from routers.fit import calibration_error, embedder_id, fingerprint, fit, write_artifact
 from routers.profiles import Outcome, build_profiles
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -297,19 +297,13 @@ async def route_all(router: Router, texts: Sequence[str], experts: Sequence[Expe
     return out
 
 
-def ece(decisions: Sequence[RoutingDecision], gold_cats: Sequence[str], bins: int = 15) -> float | None:
-    """Calibration of level 1 on a set: |confidence - accuracy| of its category, averaged over 15
-    equal-width confidence bins weighted by their counts (the issue's definition)."""
+def ece(decisions: Sequence[RoutingDecision], gold_cats: Sequence[str]) -> float | None:
+    """Calibration of level 1's category on a set (``routers.fit.calibration_error``, 15 bins)."""
     pairs = [(d.confidence, d.category == c) for d, c in zip(decisions, gold_cats, strict=True)
              if d.confidence is not None]
     if not pairs:
         return None
-    conf = np.array([p for p, _ in pairs], dtype=float)
-    hit = np.array([h for _, h in pairs], dtype=float)
-    which = np.minimum((conf * bins).astype(int), bins - 1)
-    total = sum(abs(conf[which == b].mean() - hit[which == b].mean()) * (which == b).sum()
-                for b in range(bins) if (which == b).any())
-    return round(float(total / len(pairs)), 4)
+    return round(calibration_error([p for p, _ in pairs], [h for _, h in pairs]), 4)
 
 
 ABSTAIN_AT = (0.2, 0.3, 0.4, 0.5)
@@ -840,14 +834,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     # 4b. other sources: real BIG-bench questions labelled with these experts (bench/other_sources.py)
     other_rows = other_sources.load(seed=args.seed) if other_sources.BIGBENCH.exists() else []
     other_out: dict[str, Any] = {}
+    generalist = cfg.router.generalist or "generalist"
     for split in ("dev", *(("holdout",) if args.holdout else ())):
         rs = [r for r in other_rows if r["split"] == split]
         if not rs:
             continue
         o2 = await route_all(two, [r["text"] for r in rs], cfg.experts)
         o1 = await route_all(one, [r["text"] for r in rs], cfg.experts)
-        other_out[split] = {"two_level": other_metrics(o2, rs, cat_of, cfg.router.generalist or "generalist"),
-                            "level1_only": other_metrics(o1, rs, cat_of, cfg.router.generalist or "generalist")}
+        other_out[split] = {"two_level": other_metrics(o2, rs, cat_of, generalist),
+                            "level1_only": other_metrics(o1, rs, cat_of, generalist)}
 
     # 5. speed, with the kNN baseline built on the train split's questions
     print("kNN baseline: embedding the train split ...")
@@ -868,9 +863,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     cat_idx_of = {e: cls_idx[c] for e, c in cat_of.items() if c in cls_idx}
     for split, cell in other_out.items():
         rs = [r for r in other_rows if r["split"] == split]
-        y = np.array([cat_idx_of.get(r["gold"], cls_idx.get("other", -1)) for r in rs])
+        y = np.array([cat_idx_of.get(r["gold"], -1) for r in rs])  # the generalist's category is in cat_of
         v = knn.predict([r["text"] for r in rs])
-        spec = np.array([r["gold"] != (cfg.router.generalist or "generalist") for r in rs])
+        spec = np.array([r["gold"] != generalist for r in rs])
         hit = v.argmax(axis=1) == y
         cell["knn_10"] = {"top1": rate(hit), "top3": rate((np.argsort(-v, axis=1)[:, :3] == y[:, None]).any(axis=1)),
                           "specialist_top1": rate(hit[spec]), "generalist_top1": rate(hit[~spec])}

@@ -226,7 +226,15 @@ def ece(z: Matrix, y: Labels, bins: int = ECE_BINS) -> float:
     import numpy as np
 
     p = np.exp(log_softmax(z))
-    conf, correct = p.max(axis=1), p.argmax(axis=1) == y
+    return calibration_error(p.max(axis=1), p.argmax(axis=1) == y, bins)
+
+
+def calibration_error(conf: Any, correct: Any, bins: int = ECE_BINS) -> float:
+    """|accuracy − confidence| per equal-width confidence bin, weighted by the bin's share of rows.
+    Also what ``bench/routing.py`` reports for routing decisions on sets the fit never saw."""
+    import numpy as np
+
+    conf, correct = np.asarray(conf, dtype=float), np.asarray(correct, dtype=float)
     total = 0.0
     for lo, hi in itertools.pairwise(np.linspace(0.0, 1.0, bins + 1)):
         m = (conf > lo) & (conf <= hi)

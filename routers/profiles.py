@@ -57,6 +57,11 @@ class ProfileSet(BaseModel):
     skills_field: str = ""
     experts: dict[str, ExpertProfile] = Field(default_factory=dict)
 
+    @property
+    def measured(self) -> bool:
+        """Whether any expert's profile comes from evidence (``coe profile``) rather than declarations."""
+        return any(not p.synthetic for p in self.experts.values())
+
     def global_strength(self) -> dict[str, float]:
         """γ_m ∝ accuracy^(1/τ), normalised; uniform when no expert has a positive accuracy."""
         raw = {name: (p.accuracy or 0.0) ** (1.0 / self.tau) for name, p in self.experts.items()}

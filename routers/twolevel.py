@@ -126,7 +126,7 @@ class TwoLevelRouter(Router):
         # Synthetic profiles restate the declared skills and categories, which level 1 was already
         # fitted on; mixing them in again moved more MMLU first choices for the worse than for the
         # better (bench/README.md, issue 16). So beside level 1, level 2 counts only on evidence.
-        measured = any(not p.synthetic for p in profiles.experts.values())
+        measured = profiles.measured
         beta = 0.0 if not use_level2 else (1.0 if self.level1 is None else (rc.level2_weight if measured else 0.0))
         names = [e.name for e in experts]
         # No skill matched: S_m(q) is 0 for everyone, so global strength alone ranks (not file order).
@@ -192,7 +192,7 @@ class TwoLevelRouter(Router):
         return rc.k_min + round((rc.k_max - rc.k_min) * difficulty)
 
     def _reason(self, category: str | None, confidence: float | None, confident: bool, skills: list[str],
-                k: int, beta: float, use_level2: bool, measured: bool = True) -> str:
+                k: int, beta: float, use_level2: bool, measured: bool) -> str:
         parts = []
         if category is not None and confidence is not None:
             parts.append(f"category {category!r} at {confidence:.3f} "
