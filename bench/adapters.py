@@ -162,8 +162,7 @@ async def coe_server(work: Path, in_process: bool, pids: list[int]) -> AsyncIter
     both ran in this process (``--in-process``, the arm before 2026-12-05, which measured 0.80x)."""
     if in_process:
         async with serve_app(create_app(work / "experts.yaml", poll_interval_s=5.0)) as url:
-            pids.append(os.getpid())
-            yield url
+            yield url  # coe's CPU is this process's: counted under "client"
         return
     port = free_port()
     proc = Proc("coe", [coe_command(), "serve", "--config", str(work / "experts.yaml"), "--port", str(port),
