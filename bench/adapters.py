@@ -28,8 +28,8 @@ its LRU worker manager logs ``Adding lora`` exactly when it reads an adapter
 from disk into its CPU cache (not on a cache hit). The minimum for one pass over
 8 adapters is 8. Results: ``bench/results/adapters-<UTC timestamp>.json``.
 
-CPU. Each arm also records the CPU seconds spent, per request, by the vLLM server (its whole process
-group), by ``coe serve`` and by this process (the openai SDK client), from ``psutil``. On a 2-core
+CPU. Each arm also records the CPU seconds spent, per request, by the vLLM server (it and every process
+under it), by ``coe serve`` and by this process (the openai SDK client), from ``psutil``. On a 2-core
 machine the CPU engine runs its OpenMP threads on every core, so any other busy process (the client in
 both arms; coe in one) takes time from it. ``--engine-cpus K`` starts vLLM on the last ``K`` cores only
 (its process affinity, and ``VLLM_CPU_OMP_THREADS_BIND`` to the same list) and this process and coe on
@@ -79,14 +79,10 @@ def count_loads(log: Path, start: int) -> tuple[int, int]:
     return data[start:].count(LOAD_LINE.encode()), len(data)
 
 
-def group_pids(pgid: int) -> list[int]:
-    """Every live process in the process group ``pgid`` (a ManagedVLLM server and the engine it spawns)."""
-    out = []
-    for proc in psutil.process_iter(["pid"]):
-        with contextlib.suppress(psutil.Error, ProcessLookupError):
-            if os.getpgid(proc.pid) == pgid:
-                out.append(proc.pid)
-    return out
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and every process under it (a ManagedVLLM server and the engine it spawns)."""
+    root = psutil.Process(pid)
+    return [pid, *(p.pid for p in root.children(recursive=True))]
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -231,7 +227,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     arms += [("direct", c), ("coe", c)] if r % 2 == 0 else [("coe", c), ("direct", c)]
             arms += [("coe-batch", args.slots), ("direct-sorted", args.slots)]
             assert vllm.pid is not None
-            vllm_pids = group_pids(vllm.pid)
+            vllm_pids = tree_pids(vllm.pid)
             for arm, c in arms:
                 await asyncio.sleep(1.0)
                 offset = count_loads(log, offset)[1]

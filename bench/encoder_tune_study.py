@@ -115,7 +115,7 @@ def encode_torch(path: Path, texts: list[str]) -> np.ndarray:
 
 
 def top1(z: np.ndarray, y: np.ndarray) -> float:
-    return round(float((z.argmax(1) == y).mean()), 4)
+    return round(F.top1(z, y), 4)
 
 
 def main() -> int:
@@ -145,11 +145,10 @@ def main() -> int:
     spec = np.array([r["gold"] != other_sources.GENERALIST for r in others])
     queries = held + [r["text"] for r in others]
 
+    one_text_each = np.arange(len(examples))  # every example here is one text: row i is example i
+
     def design(idx: np.ndarray, X: np.ndarray) -> F.Design:
-        exs = [examples[i] for i in idx]
-        return F.Design(X[idx], [texts[i] for i in idx], np.array([cls[e.label] for e in exs]),
-                        np.array([fine[e.fine or f"category:{e.label}"] for e in exs]),
-                        np.array([e.weight for e in exs], dtype=np.float32))
+        return F._rows(examples, idx, cls, fine, X, one_text_each)
 
     def members(D: F.Design, Xq: np.ndarray, tq: list[str]) -> dict[str, np.ndarray]:
         m = F.Members(D, len(classes), groups, len(fine))
