@@ -13,14 +13,16 @@ What it does, in one run
    recorded (its ``held_out_top1``/ECE come from the fit's own internal 15% split of the *train*
    split; the numbers below are on the bench's held-out 15%, which the fit never saw).
 2. MMLU held-out. Every held-out line is routed by the two-level router (``routers.make_router``,
-   strategy ``two-level``) and by the level-1-only router (strategy ``embedding``, same artifact),
-   in two views: the question alone, and question + lettered choices. Gold expert = the expert whose
-   ``categories`` list the line's subcategory (``other`` -> ``generalist``). top-1 =
+   strategy ``two-level``), by the level-1-only router (strategy ``embedding``, same artifact) and by
+   the two-level router with ``router.lexical_gate`` off (every query embedded), in two views: the
+   question alone, and question + lettered choices. Gold expert = the expert whose ``categories``
+   list the line's subcategory (``other`` -> ``generalist``). top-1 =
    ``decision.experts[0]`` is gold; top-3 = gold among ``decision.candidates[:3]``; per class too;
    fallback rate; the classifier's own argmax (``decision.category`` == gold). Level 2's effect:
    how often the final first choice differs from ``decision.level1[0]`` and from the level-1-only
    router's first choice (same pool rules, so only level 2 differs), whether that helped or hurt,
-   and concrete examples.
+   and concrete examples. The lexical gate: the share of decisions the word model made alone, and how
+   many first choices differ from the no-gate router's.
 3. A confusion matrix of the question-only view (gold rows, first choice columns) as a PNG (Pillow).
 4b. Other sources: ``bench/other_sources.py``, real BIG-bench questions (never MMLU, never fitted on) each
    labelled with the expert whose MMLU subjects cover its task, or ``generalist``. Its ``dev`` half is
@@ -31,8 +33,8 @@ What it does, in one run
    clinical, legal, short queries): top-1/top-3 per style, two-level and level-1-only.
 5. Speed, interleaved so machine noise hits every system alike: one decision at a time
    (``await router.route``; ``--single`` queries, a seeded random sample of the held-out questions,
-   after a warm-up) p50/p99 for the two-level router, the level-1-only router, a plain kNN baseline
-   and the bare embedding of one query; then batched throughput (``route_many`` in batches of
+   after a warm-up) p50/p99 for the two-level router, the same router without its lexical gate, a
+   plain kNN baseline and the bare embedding of one query; then batched throughput (``route_many`` in batches of
    ``--batch`` over all held-out questions), two rounds in ABCD/DCBA order. kNN baseline: the same
    embedder, a FAISS ``IndexFlatIP`` over the train split's question embeddings, kNN-10 majority vote
    (ties to the larger similarity sum); its top-1/top-3 on the held-out set too. Diagnostic: the same
@@ -519,7 +521,7 @@ class KnnBaseline:
         return self.votes(self.embedder.encode(list(texts), batch_size=batch_size))
 
 
-async def speed(two: Router, one: Router, knn: KnnBaseline, embedder: Embedder, texts: Sequence[str],
+async def speed(two: Router, nogate: Router, knn: KnnBaseline, embedder: Embedder, texts: Sequence[str],
                 experts: Sequence[ExpertConfig], n_single: int, batch: int, seed: int) -> dict[str, Any]:
     """Single decisions interleaved (rotating order per query) on a seeded sample of the held-out
     questions, then batched rounds over all of them in ABC / CBA order."""
@@ -530,10 +532,10 @@ async def speed(two: Router, one: Router, knn: KnnBaseline, embedder: Embedder, 
     cpu0 = cpu_now()
     for t in sample[:WARMUP]:
         await two.route(request(t), experts)
-        await one.route(request(t), experts)
+        await nogate.route(request(t), experts)
         knn.predict([t])
         embedder.encode([t])
-    systems = ["two-level", "embedding", "knn-10", "embed-only"]
+    systems = ["two-level", "two-level-no-gate", "knn-10", "embed-only"]
     single: dict[str, list[float]] = {s: [] for s in systems}
     for i in range(n_single):
         t = sample[WARMUP + i % (len(sample) - WARMUP)]
@@ -542,8 +544,8 @@ async def speed(two: Router, one: Router, knn: KnnBaseline, embedder: Embedder, 
             t0 = time.perf_counter()
             if s == "two-level":
                 await two.route(request(t), experts)
-            elif s == "embedding":
-                await one.route(request(t), experts)
+            elif s == "two-level-no-gate":
+                await nogate.route(request(t), experts)
             elif s == "knn-10":
                 knn.predict([t])
             else:
@@ -558,8 +560,8 @@ async def speed(two: Router, one: Router, knn: KnnBaseline, embedder: Embedder, 
         for part in chunks(texts, batch):
             if s == "two-level":
                 await two.route_many([request(t) for t in part], experts)
-            elif s == "embedding":
-                await one.route_many([request(t) for t in part], experts)
+            elif s == "two-level-no-gate":
+                await nogate.route_many([request(t) for t in part], experts)
             elif s == "knn-10":
                 knn.predict(part)
             else:  # the same kNN, the embedder padding sub-batches of 8 instead of the whole batch
@@ -578,7 +580,8 @@ async def speed(two: Router, one: Router, knn: KnnBaseline, embedder: Embedder, 
         "single_tokens": token_stats(embedder, sample[WARMUP:]),
         "single_note": f"{n_single} queries (a seeded random sample of the held-out questions) after {WARMUP} "
                        "warm-up, one at a time, the four systems interleaved "
-                       "in rotating order; two-level/embedding go through 'await router.route' (which hops to "
+                       "in rotating order; two-level/two-level-no-gate (the same router with router.lexical_gate "
+                       "off: every query embedded) go through 'await router.route' (which hops to "
                        "a worker thread for the embedding), knn-10 and embed-only are plain calls",
         "batched_qps": {s: {"rounds": v, "mean": round(float(np.mean(v)), 1), "best": max(v)}
                         for s, v in rounds.items()},
@@ -779,6 +782,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     two = make_router(cfg.model_copy(update={"router": cfg.router.model_copy(update={"strategy": "two-level"})}))
     one = make_router(cfg.model_copy(update={"router": cfg.router.model_copy(update={"strategy": "embedding"})}))
+    # the same two-level router embedding every query: the arm the lexical gate is measured against
+    nogate = make_router(cfg.model_copy(update={"router": cfg.router.model_copy(
+        update={"strategy": "two-level", "lexical_gate": False})}))
 
     # 2. held-out, two views
     views: dict[str, Any] = {}
@@ -790,14 +796,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         d2 = await route_all(two, texts, cfg.experts)
         s2 = time.perf_counter() - t0
         d1 = await route_all(one, texts, cfg.experts)
+        d0 = await route_all(nogate, texts, cfg.experts)
         views[view] = {
             "two_level": mmlu_metrics(d2, gold_cats, expert_of, classes),
             "level1_only": mmlu_metrics(d1, gold_cats, expert_of, classes),
+            "two_level_no_gate": mmlu_metrics(d0, gold_cats, expert_of, classes),
+            "lexical_gate": {"decided_by_words": rate(["lexical gate" in d.reason for d in d2]),
+                             "first_choice_differs_from_no_gate": sum(
+                                 a.experts[0].name != b.experts[0].name for a, b in zip(d2, d0, strict=True))},
             "level2_effect": level2_effect(texts, d2, d1, gold_cats, expert_of),
             "routing_seconds_two_level": round(s2, 2),
         }
         print(f"{view}: two-level top-1 {views[view]['two_level']['top1']:.3f} top-3 "
-              f"{views[view]['two_level']['top3']:.3f}; level-1 only top-1 {views[view]['level1_only']['top1']:.3f}")
+              f"{views[view]['two_level']['top3']:.3f}; level-1 only top-1 {views[view]['level1_only']['top1']:.3f}; "
+              f"no gate {views[view]['two_level_no_gate']['top1']:.3f} (the words decided "
+              f"{views[view]['lexical_gate']['decided_by_words']:.0%})")
         if view == "question":
             decisions_q["two"], decisions_q["one"], texts_q = d2, d1, texts
     with (WORK / "decisions-question.jsonl").open("w", encoding="utf-8") as f:
@@ -870,7 +883,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         cell["knn_10"] = {"top1": rate(hit), "top3": rate((np.argsort(-v, axis=1)[:, :3] == y[:, None]).any(axis=1)),
                           "specialist_top1": rate(hit[spec]), "generalist_top1": rate(hit[~spec])}
     print("speed ...")
-    spd = await speed(two, one, knn, embedder, texts_q, cfg.experts, args.single, args.batch, args.seed)
+    spd = await speed(two, nogate, knn, embedder, texts_q, cfg.experts, args.single, args.batch, args.seed)
     spd["knn_baseline"] = {"k": KNN_K, "train_rows": len(train_idx), "index_build_s": round(knn.build_s, 1),
                            "train_embeddings_cached": knn.cached, "held_out": knn_quality}
 
@@ -889,7 +902,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": str(CONFIG.relative_to(ROOT)),
         "router_settings": cfg.router.model_dump(mode="json", include={
             "strategy", "label", "fine_label", "choices_view", "threshold", "k_min", "k_max", "level2_weight",
-            "embedder", "generalist"}),
+            "embedder", "generalist", "lexical_gate"}),
         "split": {"data": str(MMLU.relative_to(ROOT)), "rows": len(rows), "train": len(train_idx),
                   "held_out": len(held_idx), "seed": args.seed, "stratified_by": "labels.subcategory",
                   "train_file": str(train_file), "artifact": str(WORK / "artifact")},
@@ -904,7 +917,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "bigbench_skills": bb,
         "targets": {
             "single_p50_ms": {"target": TARGET_P50_MS, "value": p50, "met": p50 <= TARGET_P50_MS},
-            "batched_qps": {"target": TARGET_QPS, "value": qps, "met": qps >= TARGET_QPS},
+            "batched_qps": {"target": TARGET_QPS, "value": qps, "met": qps >= TARGET_QPS,
+                            "ratio_to_no_gate": round(qps / spd["batched_qps"]["two-level-no-gate"]["mean"], 2),
+                            "ratio_to_knn_10": round(qps / spd["batched_qps"]["knn-10"]["mean"], 2)},
             "top1_question_view": {"target": TARGET_TOP1, "value": top1, "met": top1 >= TARGET_TOP1},
             "top1_question_choices_view": {"target": TARGET_TOP1,
                                            "value": views["question_choices"]["two_level"]["top1"],
@@ -955,7 +970,7 @@ def print_summary(r: dict[str, Any], out: Path) -> None:
         print(f"{'':13} top-1 if the generalist went first below confidence t: "
               f"{t['top1_if_generalist_first_below']}")
     s = r["speed"]
-    for name in ("two-level", "embedding", "knn-10", "embed-only", "knn-10-encode-batch-8"):
+    for name in ("two-level", "two-level-no-gate", "knn-10", "embed-only", "knn-10-encode-batch-8"):
         one = s["single"].get(name)
         qps = s["batched_qps"].get(name)
         print(f"speed {name:10}"

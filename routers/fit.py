@@ -37,7 +37,7 @@ from coe.config import RegistryConfig
 from coe.errors import ConfigError
 from coe.files import locked, publish_folder
 from coe.jsonl import read_jsonl
-from routers.classifier import CategoryClassifier, Knn, LexicalLinear, Linear, faiss_index, log_softmax
+from routers.classifier import CategoryClassifier, Knn, LexicalGate, LexicalLinear, Linear, faiss_index, log_softmax
 from routers.profiles import skills_of
 from routers.tfidf import Tfidf
 
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("coe.routers.fit")
 
-FIT_VERSION = 3  # 3: the linear heads fitted by scikit-learn; the held-out confusion matrix kept
+FIT_VERSION = 4  # 3: the linear heads fitted by scikit-learn; the held-out confusion matrix kept; 4: the lexical gate
 """Part of the fingerprint: bump when the recipe changes, so old artifacts are refitted."""
 ANCHOR_WEIGHT = 5.0
 LAMBDAS = (1e-4, 3e-5, 1e-5)
@@ -61,6 +61,12 @@ WEIGHT_GRID = (0.0, 0.5, 1.0, 1.5, 2.0)
 ECE_BINS = 15
 HOLDOUT_MIN_ROWS = 1000
 CALIBRATION_MIN_ROWS = 200
+GATE_AGREEMENT = 0.995
+"""The lexical gate's word model must pick the ensemble's category on this share of the held-out rows it
+would decide alone: at most 1 in 200 of those decisions may differ from what the embedding would give."""
+GATE_MIN_ROWS = 100
+"""Held-out rows the gate must decide alone at its threshold to be measured at all."""
+GATE_GRID = tuple(round(0.5 + 0.01 * i, 2) for i in range(50))
 
 
 @dataclass
@@ -276,6 +282,29 @@ def _folds(y: Labels, n_rows: int, seed: int) -> list[tuple[Labels, Labels]]:
     return [(np.flatnonzero(assign != f), np.flatnonzero(assign == f)) for f in folds]
 
 
+def fit_gate(zt: Matrix, ens: Matrix, temperature: float, y: Labels) -> tuple[LexicalGate | None, dict[str, Any]]:
+    """The lowest threshold on the word model's held-out confidence (``zt``: its log-probabilities) at which
+    it agrees with the ensemble (``ens``: logits) on ``GATE_AGREEMENT`` of the rows it would decide, with
+    at least ``GATE_MIN_ROWS`` of them; and the report of what the gated router scores on those rows."""
+    import numpy as np
+
+    conf, word, full = np.exp(zt.max(axis=1)), zt.argmax(axis=1), ens.argmax(axis=1)
+    for threshold in GATE_GRID:
+        accepted = conf >= threshold
+        if int(accepted.sum()) < GATE_MIN_ROWS:
+            break
+        agreement = float((word[accepted] == full[accepted]).mean())
+        if agreement < GATE_AGREEMENT:
+            continue
+        gate = LexicalGate(threshold, fit_temperature(zt[accepted], y[accepted]))
+        mixed = np.where(accepted[:, None], log_softmax(zt / gate.temperature), log_softmax(ens / temperature))
+        return gate, {"threshold": threshold, "temperature": round(gate.temperature, 4),
+                      "accepted": round(float(accepted.mean()), 4), "agreement": round(agreement, 4),
+                      "held_out_top1": round(top1(mixed, y), 4), "ece": round(ece(mixed, y), 4)}
+    return None, {"threshold": None, "why": f"below {GATE_MIN_ROWS} held-out rows before the word model agreed "
+                                            f"with the ensemble on {GATE_AGREEMENT:.1%} of them"}
+
+
 # ----------------------------------------------------------------------------- the fit
 
 
@@ -401,8 +430,13 @@ def fit(cfg: RegistryConfig, embedder: Embedder, *, seed: int = 0,
             best_key, weights = key, {"linear": 1.0, "knn": wk, "tfidf": wt}
     ens: Matrix = z[best["linear"]] + weights["knn"] * z[best["knn"]] + weights["tfidf"] * z[best["tfidf"]]
     temperature = fit_temperature(ens, y)
+    gate: LexicalGate | None = None
+    gate_report: dict[str, Any] = {"threshold": None, "why": "the ensemble has no word model"}
     if len(y) < CALIBRATION_MIN_ROWS:  # too few held-out rows to trust a sharpening temperature:
         temperature = max(temperature, sum(weights.values()))  # no sharper than the members' geometric mean
+        gate_report = {"threshold": None, "why": f"fewer than {CALIBRATION_MIN_ROWS} held-out rows"}
+    elif weights["tfidf"]:
+        gate, gate_report = fit_gate(z[best["tfidf"]], ens, temperature, y)
     tune_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -413,7 +447,7 @@ def fit(cfg: RegistryConfig, embedder: Embedder, *, seed: int = 0,
         final.linear(best["linear"][1]) if weights["linear"] else None,
         final.knn(int(best["knn"][1])) if weights["knn"] else None,
         final.lexical(best["tfidf"][1]) if weights["tfidf"] else None,
-        weights, temperature)
+        weights, temperature, gate=gate)
     refit_s = time.perf_counter() - t0
     report = {
         "examples": len(data), "anchors": len(anc), "rows": len(texts), "classes": classes,
@@ -426,6 +460,7 @@ def fit(cfg: RegistryConfig, embedder: Embedder, *, seed: int = 0,
         "held_out_top1": round(best_key[0], 4),
         "ece_before": round(ece(ens, y), 4), "ece_after": round(ece(ens / temperature, y), 4),
         "confusion": confusion(ens, y, len(classes)),
+        "gate": gate_report,
         "seconds": {"embed": round(embed_s, 1), "tune": round(tune_s, 1), "refit": round(refit_s, 1),
                     "total": round(time.perf_counter() - started, 1)},
     }
@@ -433,6 +468,10 @@ def fit(cfg: RegistryConfig, embedder: Embedder, *, seed: int = 0,
                 "fingerprint": fingerprint(cfg, embedder_id(embedder))}
     progress(f"held-out top-1 {report['held_out_top1']:.3f}; ECE {report['ece_before']:.3f} -> "
              f"{report['ece_after']:.3f} (T={temperature:.2f}); {time.perf_counter() - started:.0f}s")
+    if gate is not None:
+        progress(f"lexical gate: the word model decides {gate_report['accepted']:.0%} of held-out rows alone "
+                 f"(confidence >= {gate.threshold:g}, {gate_report['agreement']:.1%} agreement); top-1 "
+                 f"{gate_report['held_out_top1']:.3f}, ECE {gate_report['ece']:.3f} with the gate")
     return FitResult(clf, report)
 
 

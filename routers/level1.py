@@ -8,6 +8,14 @@ expert while a confident new question ("what is the capital of Peru?") moves
 on. ``Sessions`` remembers which experts served a session (the request's
 ``user`` field or the ``x-coe-session`` header) and keeps them until a new
 category is confident enough (``router.topic_change``).
+
+With ``router.lexical_gate`` (the default), a conversation whose every text the
+fitted word model alone is sure of (``CategoryClassifier.lexical_gate``) is
+classified without embedding: the embedding is most of a decision's cost, and
+above the gate's threshold the full ensemble agreed with the words on 99.5% of
+held-out rows. Such a result has no vector, so level 2 matches no skills for it;
+a router whose level 2 weighs measured profiles asks for vectors, and then every
+conversation is embedded.
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ def conversation_texts(messages: Sequence[Mapping[str, Any]]) -> tuple[str, str 
 @dataclass
 class Level1Result:
     log_probs: Matrix  # (C,) calibrated log P(category | conversation)
-    vector: Matrix  # (D,) the last message's embedding (level 2 reuses it)
+    vector: Matrix | None  # (D,) the last message's embedding (level 2 reuses it); None: the words decided
 
     def top(self, classes: Sequence[str]) -> tuple[str, float]:
         i = int(self.log_probs.argmax())
@@ -76,9 +84,14 @@ class Level1:
         self.embedder = embedder
         self.classifier: CategoryClassifier = ensure_classifier(cfg, embedder)
         self.classes = self.classifier.classes
+        self.gate = cfg.router.lexical_gate
 
-    def classify(self, conversations: Sequence[Sequence[Mapping[str, Any]]]) -> list[Level1Result]:
-        """Every conversation's texts embedded in one batch."""
+    def classify(self, conversations: Sequence[Sequence[Mapping[str, Any]]], *,
+                 need_vectors: bool = False) -> list[Level1Result]:
+        """Every conversation's texts embedded in one batch, except those the lexical gate decides
+        (unless ``need_vectors``)."""
+        import numpy as np
+
         pairs = [conversation_texts(m) for m in conversations]
         texts: list[str] = []
         where: list[tuple[int, int | None]] = []
@@ -88,12 +101,23 @@ class Level1:
             if context is not None:
                 texts.append(context)
             where.append((i, len(texts) - 1 if context is not None else None))
-        X = self.embedder.encode(texts)
-        lp = self.classifier.log_probs(X, texts)
+        gated = self.classifier.lexical_gate(texts) if self.gate and not need_vectors else None
+        alone = [gated is not None and bool(gated[0][i]) and (j is None or bool(gated[0][j])) for i, j in where]
+        embed = [r for (i, j), a in zip(where, alone, strict=True) if not a for r in (i, j) if r is not None]
+        X = self.embedder.encode([texts[r] for r in embed])
+        lp = self.classifier.log_probs(X, [texts[r] for r in embed])
+        at = {r: n for n, r in enumerate(embed)}
         out = []
-        for i, j in where:
-            row = lp[i] if j is None else _mean_log_probs(lp[i], lp[j])
-            out.append(Level1Result(row, X[i]))
+        for (i, j), a in zip(where, alone, strict=True):
+            if a:
+                assert gated is not None
+                rows, vector = gated[1], None
+                ri, rj = i, j
+            else:
+                rows, vector = lp, X[at[i]]
+                ri, rj = at[i], None if j is None else at[j]
+            row = rows[ri] if rj is None else _mean_log_probs(rows[ri], rows[rj])
+            out.append(Level1Result(np.asarray(row), vector))
         return out
 
 

@@ -16,6 +16,11 @@ For each request:
    appended (``fallback: true``). A session keeps its experts until a new
    category reaches ``router.topic_change``.
 
+Where level 1's lexical gate decides a conversation from its words alone (no
+embedding, ``routers.level1``), level 2 has no vector to match skills with, so k
+follows level 1's confidence only. While profiles are measured (β > 0), level 2
+can change the decision, so every conversation is embedded.
+
 ``embedding`` (level 1 only, β = 0) and ``symbolic`` (level 2 only, every expert
 a candidate) are the same router with one level switched off.
 """
@@ -67,7 +72,8 @@ class TwoLevelRouter(Router):
         if not experts:
             raise BackendUnavailable("no experts are registered", retry_after=30)
         # Embedding is CPU work of a few ms: off the event loop, so other requests keep flowing.
-        results = await asyncio.to_thread(self._level1, requests)
+        need_vectors = self.use_level2 and self.recruiter.profiles(experts).measured
+        results = await asyncio.to_thread(self._level1, requests, need_vectors)
         decisions = []
         for request, result in zip(requests, results, strict=True):
             skills_override = None
@@ -78,9 +84,9 @@ class TwoLevelRouter(Router):
 
     # -- steps --------------------------------------------------------------------------
 
-    def _level1(self, requests: Sequence[RouteRequest]) -> list[Level1Result | None]:
+    def _level1(self, requests: Sequence[RouteRequest], need_vectors: bool) -> list[Level1Result | None]:
         if self.level1 is not None:
-            return list(self.level1.classify([r.messages for r in requests]))
+            return list(self.level1.classify([r.messages for r in requests], need_vectors=need_vectors))
         import numpy as np
 
         vectors = self.embedder.encode([conversation_texts(r.messages)[0] for r in requests])
@@ -119,7 +125,8 @@ class TwoLevelRouter(Router):
         use_level2 = self.use_level2 and request.level2
         profiles = self.recruiter.profiles(experts)
         matched: list[tuple[str, float]] = []
-        if use_level2 and result is not None:
+        words_alone = result is not None and result.vector is None
+        if use_level2 and result is not None and result.vector is not None:
             matched = skills_override if skills_override is not None else \
                 self.recruiter.nearest_skills(result.vector, profiles)
         skills = [s for s, _ in matched]
@@ -138,7 +145,7 @@ class TwoLevelRouter(Router):
         def ranked(group: Sequence[ExpertConfig]) -> list[tuple[str, float]]:
             return sorted(((e.name, score[e.name]) for e in group), key=lambda t: (-t[1], order[t[0]]))
 
-        k = self._k(confidence, matched, use_level2)
+        k = self._k(confidence, matched, use_level2 and not words_alone)
         in_pool = ranked(pool)
         recruited = self.recruiter.select(in_pool, k)
         if len(recruited) < k:  # the category has fewer experts than k: next best specialists
@@ -149,6 +156,8 @@ class TwoLevelRouter(Router):
         if fallback and generalist not in recruited:
             recruited.append(str(generalist))
         reason = self._reason(category, confidence, confident, skills, k, beta, use_level2, measured)
+        if words_alone:
+            reason = f"{reason}; decided from the words alone (lexical gate)"
         recruited, category, reason = await self._session(request, recruited, category, confidence, reason,
                                                           names)
         candidates = ranked(experts)[:CANDIDATES]

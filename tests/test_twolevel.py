@@ -27,14 +27,14 @@ ROOT = Path(__file__).resolve().parent.parent
 CATEGORIES = ["computer science", "math", "health", "law", "history"]
 
 
-def write_fixture(folder: Path, **router: Any) -> Path:
+def write_fixture(folder: Path, per_category: int = 40, **router: Any) -> Path:
     rows = [json.loads(line) for line in (ROOT / "examples/mmlu/mmlu_dev.jsonl").read_text().splitlines()]
     rng = random.Random(0)
     picked = []
     for c in CATEGORIES:
         of_c = [r for r in rows if r["labels"]["subcategory"] == c]
         rng.shuffle(of_c)
-        picked += of_c[:40]
+        picked += of_c[:per_category]
     (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in picked))
     experts: list[dict[str, Any]] = [
         {"name": c.replace(" ", "-"), "backend": "b", "model": "m", "categories": [c]} for c in CATEGORIES]
