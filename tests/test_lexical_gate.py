@@ -1,4 +1,5 @@
-"""The lexical gate: where the fitted word model alone is sure, level 1 decides without embedding.
+"""The lexical gate (``router.lexical_gate``, off by default): where the fitted word model alone is sure,
+level 1 decides without embedding.
 
 The rule (``routers.fit.fit_gate``) is checked on held-out scores built to make each case; the router on
 the real parts: the packaged MiniLM (ONNX), real FAISS, the MMLU fixture of ``test_twolevel`` at 180 questions
@@ -115,8 +116,8 @@ def test_the_artifact_keeps_the_gate_and_the_fit_reports_it(fitted: tuple[Regist
 def test_gated_questions_are_not_embedded_and_get_the_full_classifiers_category(
         fitted: tuple[RegistryConfig, list[str]]) -> None:
     cfg, questions = fitted
-    gated, seen = _router(cfg)
-    full, seen_full = _router(cfg, lexical_gate=False)
+    gated, seen = _router(cfg, lexical_gate=True)
+    full, seen_full = _router(cfg)  # the default: off
     with_gate, without = _route(gated, cfg, questions), _route(full, cfg, questions)
     alone = [d for d in with_gate if "lexical gate" in d.reason]
     assert alone and len(alone) < len(questions)  # the words decide some, not all
@@ -130,7 +131,7 @@ def test_gated_questions_are_not_embedded_and_get_the_full_classifiers_category(
 
 def test_a_conversation_is_gated_only_when_every_turn_is(fitted: tuple[RegistryConfig, list[str]]) -> None:
     cfg, questions = fitted
-    router, seen = _router(cfg)
+    router, seen = _router(cfg, lexical_gate=True)
     sure = next(q for q, d in zip(questions, _route(router, cfg, questions), strict=True) if "lexical gate" in d.reason)
     seen.texts.clear()
     messages = [{"role": "user", "content": "Hmm, and what about that?"}, {"role": "assistant", "content": "..."},
@@ -149,7 +150,7 @@ def test_measured_profiles_need_the_vector_so_nothing_is_gated(
     cfg, questions = fitted
     ProfileSet(experts={"math": ExpertProfile(expert="math", skills={"calculus": 8}, answered=10, correct=9)}).save(
         tmp_path / "profiles.json")
-    router, seen = _router(cfg, profiles=tmp_path / "profiles.json")
+    router, seen = _router(cfg, lexical_gate=True, profiles=tmp_path / "profiles.json")
     decisions = _route(router, cfg, questions[:40])
     assert len(seen.texts) == 40 and not any("lexical gate" in d.reason for d in decisions)
     assert any(d.skills for d in decisions)
