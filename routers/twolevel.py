@@ -126,9 +126,11 @@ class TwoLevelRouter(Router):
         profiles = self.recruiter.profiles(experts)
         matched: list[tuple[str, float]] = []
         words_alone = result is not None and result.vector is None
-        if use_level2 and result is not None and result.vector is not None:
-            matched = skills_override if skills_override is not None else \
-                self.recruiter.nearest_skills(result.vector, profiles)
+        if use_level2 and result is not None:  # the annotator's skills, else the embedding's nearest ones
+            if skills_override is not None:
+                matched = skills_override
+            elif result.vector is not None:
+                matched = self.recruiter.nearest_skills(result.vector, profiles)
         skills = [s for s, _ in matched]
         # Synthetic profiles restate the declared skills and categories, which level 1 was already
         # fitted on; mixing them in again moved more MMLU first choices for the worse than for the
@@ -145,7 +147,7 @@ class TwoLevelRouter(Router):
         def ranked(group: Sequence[ExpertConfig]) -> list[tuple[str, float]]:
             return sorted(((e.name, score[e.name]) for e in group), key=lambda t: (-t[1], order[t[0]]))
 
-        k = self._k(confidence, matched, use_level2 and not words_alone)
+        k = self._k(confidence, matched, use_level2 and (not words_alone or skills_override is not None))
         in_pool = ranked(pool)
         recruited = self.recruiter.select(in_pool, k)
         if len(recruited) < k:  # the category has fewer experts than k: next best specialists

@@ -88,9 +88,9 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[RegistryConfig, li
     return cfg, [r["question"] for r in rows]
 
 
-def _router(cfg: RegistryConfig, **router: Any) -> tuple[TwoLevelRouter, CountingEmbedder]:
+def _router(cfg: RegistryConfig, complete: Any = None, **router: Any) -> tuple[TwoLevelRouter, CountingEmbedder]:
     cfg = cfg.model_copy(update={"router": cfg.router.model_copy(update=router)})
-    r = TwoLevelRouter(cfg)
+    r = TwoLevelRouter(cfg, complete)
     assert r.level1 is not None
     counting = CountingEmbedder(r.level1.embedder)  # level 1's only: the recruiter embeds skill names
     r.level1.embedder = counting
@@ -169,3 +169,18 @@ def test_the_gate_calibrates_what_it_decides(fitted: tuple[RegistryConfig, list[
     np.testing.assert_allclose(lp, log_softmax(raw / clf.gate.temperature), rtol=1e-5, atol=1e-5)
     assert (np.exp(raw.max(axis=1))[accepted] >= clf.gate.threshold).all()
     assert (np.exp(raw.max(axis=1))[~accepted] < clf.gate.threshold).all()
+
+
+def test_with_the_annotator_a_gated_decision_still_gets_its_skills(fitted: tuple[RegistryConfig, list[str]]) -> None:
+    """The annotator (an LLM; a scripted one here, named for what it is) needs no vector: a decision the words
+    made alone keeps the skills it names."""
+    cfg, questions = fitted
+
+    async def scripted_annotator(expert: Any, messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
+        return "calculus, algebra"
+
+    skills = cfg.router.skills.model_copy(update={"mode": "annotator", "annotator": "math", "samples": 1,
+                                                  "min_count": 1})
+    router, _ = _router(cfg, scripted_annotator, lexical_gate=True, skills=skills)
+    alone = [d for d in _route(router, cfg, questions[::15]) if "lexical gate" in d.reason]
+    assert alone and all(set(d.skills) == {"calculus", "algebra"} for d in alone)
