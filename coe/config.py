@@ -26,6 +26,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 ROUTED_MODEL = "coe"
 """The model name that asks coe to route; no expert may take it."""
+RESERVED_EXPERT_NAMES = frozenset({"merge"})
+"""Names that are fixed routes under ``/v1/experts/``, so an expert with one could not be read or removed."""
 
 
 class Strict(BaseModel):
@@ -164,6 +166,8 @@ class ExpertConfig(Strict):
     def _not_reserved(cls, value: str) -> str:
         if value == ROUTED_MODEL:
             raise ValueError(f"'{ROUTED_MODEL}' is reserved for routed requests")
+        if value in RESERVED_EXPERT_NAMES:  # /v1/experts/merge is its own route: GET or DELETE could not reach it
+            raise ValueError(f"'{value}' is reserved: /v1/experts/{value} is the admin API's merge endpoint")
         return value
 
     @field_validator("params")

@@ -585,6 +585,17 @@ def test_expert_named_coe_is_reserved() -> None:
     """) == ["experts.yaml:5: experts[0].name: 'coe' is reserved for routed requests"]
 
 
+def test_expert_named_merge_is_reserved() -> None:
+    """``/v1/experts/merge`` is the merge endpoint: an expert of that name could not be read or removed."""
+    assert errors_of(HEAD + """
+        experts:
+          - name: merge
+            backend: gpu-0
+            model: m
+    """) == ["experts.yaml:5: experts[0].name: 'merge' is reserved: /v1/experts/merge is the admin API's "
+             "merge endpoint"]
+
+
 @pytest.mark.parametrize(
     "name", ["has space", "-leading-dash", ".hidden", "a/b", "x" * 65, "", "tab\tname", "trailing\n", "ünïcode"]
 )
