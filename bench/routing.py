@@ -15,10 +15,9 @@ What it does, in one run
 2. MMLU held-out. Every held-out line is routed by the two-level router (``routers.make_router``,
    strategy ``two-level``), by the level-1-only router (strategy ``embedding``, same artifact) and by
    the two-level router with ``router.lexical_gate`` on (the word model decides alone where it is
-   sure; off by default), in two views: the
-   question alone, and question + lettered choices. Gold expert = the expert whose ``categories``
-   list the line's subcategory (``other`` -> ``generalist``). top-1 =
-   ``decision.experts[0]`` is gold; top-3 = gold among ``decision.candidates[:3]``; per class too;
+   sure; off by default), in two views: the question alone, and question + lettered choices. Gold
+   expert = the expert whose ``categories`` list the line's subcategory (``other`` -> ``generalist``).
+   top-1 = ``decision.experts[0]`` is gold; top-3 = gold among ``decision.candidates[:3]``; per class too;
    fallback rate; the classifier's own argmax (``decision.category`` == gold). Level 2's effect:
    how often the final first choice differs from ``decision.level1[0]`` and from the level-1-only
    router's first choice (same pool rules, so only level 2 differs), whether that helped or hurt,

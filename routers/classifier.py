@@ -15,11 +15,13 @@ what it says. ``routers.fit`` builds it.
 
 The lexical gate: the word model costs microseconds, the embedding milliseconds,
 and where the word model alone is very sure the ensemble almost never disagrees
-(on MMLU: 40% of questions, 70% of their tokens, 99.5% agreement). So the fit
-records the lowest word-model confidence at which its held-out choices agree with
-the ensemble's at least ``routers.fit.GATE_AGREEMENT`` of the time, and a temperature for
-those rows; above it, ``lexical_gate`` decides without embedding (see
-``routers.level1``). A fit with too few held-out rows to measure that has no gate.
+(on MMLU: a third of the questions, about 70% of their tokens). So the fit
+records the lowest word-model confidence at which its held-out choices agree
+with the ensemble's at least ``routers.fit.GATE_AGREEMENT`` of the time, and a
+temperature for those rows; above it, ``lexical_gate`` decides without embedding
+(``routers.level1``; off unless ``router.lexical_gate``, because on text unlike
+the training data the words can be sure and wrong). A fit with too few held-out
+rows to measure that has no gate.
 
 The artifact is one folder: ``meta.json`` (format version, classes, weights,
 temperature, fit metadata), ``knn.faiss`` + ``knn_labels.npy``, ``linear_W.npy``,

@@ -576,24 +576,18 @@ def test_scalar_errors_use_the_line_of_the_key() -> None:
 # -- names -----------------------------------------------------------------------------
 
 
-def test_expert_named_coe_is_reserved() -> None:
-    assert errors_of(HEAD + """
+@pytest.mark.parametrize(("name", "why"), [
+    ("coe", "'coe' is reserved for routed requests"),
+    # /v1/experts/merge is the merge endpoint: an expert of that name could not be read or removed
+    ("merge", "'merge' is reserved: /v1/experts/merge is the admin API's merge endpoint"),
+])
+def test_reserved_expert_names(name: str, why: str) -> None:
+    assert errors_of(HEAD + f"""
         experts:
-          - name: coe
+          - name: {name}
             backend: gpu-0
             model: m
-    """) == ["experts.yaml:5: experts[0].name: 'coe' is reserved for routed requests"]
-
-
-def test_expert_named_merge_is_reserved() -> None:
-    """``/v1/experts/merge`` is the merge endpoint: an expert of that name could not be read or removed."""
-    assert errors_of(HEAD + """
-        experts:
-          - name: merge
-            backend: gpu-0
-            model: m
-    """) == ["experts.yaml:5: experts[0].name: 'merge' is reserved: /v1/experts/merge is the admin API's "
-             "merge endpoint"]
+    """) == [f"experts.yaml:5: experts[0].name: {why}"]
 
 
 @pytest.mark.parametrize(
