@@ -802,7 +802,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "two_level": mmlu_metrics(d2, gold_cats, expert_of, classes),
             "level1_only": mmlu_metrics(d1, gold_cats, expert_of, classes),
             "two_level_lexical_gate": mmlu_metrics(d0, gold_cats, expert_of, classes),
-            "lexical_gate": {"decided_by_words": rate(["lexical gate" in d.reason for d in d0]),
+            "lexical_gate": {"decided_by_words": rate([d.lexical_gate for d in d0]),
                              "first_choice_differs_from_default": sum(
                                  a.experts[0].name != b.experts[0].name for a, b in zip(d2, d0, strict=True))},
             "level2_effect": level2_effect(texts, d2, d1, gold_cats, expert_of),
@@ -860,7 +860,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         other_out[split] = {"two_level": other_metrics(o2, rs, cat_of, generalist),
                             "level1_only": other_metrics(o1, rs, cat_of, generalist),
                             "two_level_lexical_gate": {**other_metrics(og, rs, cat_of, generalist),
-                                                       "decided_by_words": rate(["lexical gate" in d.reason
+                                                       "decided_by_words": rate([d.lexical_gate
                                                                                  for d in og])}}
 
     # 5. speed, with the kNN baseline built on the train split's questions

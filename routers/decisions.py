@@ -97,6 +97,7 @@ def record(id: Any, decision: RoutingDecision, latency_ms: float) -> dict[str, A
         "latency_ms": round(latency_ms, 3),
         "router": decision.router,
         "reason": decision.reason,
+        "lexical_gate": decision.lexical_gate,
         "aggregator": decision.aggregator,
         "level1": [c.model_dump() for c in decision.level1],
         "categories": [c.model_dump() for c in decision.categories],

@@ -168,7 +168,7 @@ class TwoLevelRouter(Router):
             experts=[ExpertChoice(name=n, score=round(score.get(n, 0.0), 4)) for n in recruited],
             category=category, confidence=None if confidence is None else round(confidence, 4),
             skills=skills, candidates=[ExpertChoice(name=n, score=round(s, 4)) for n, s in candidates],
-            fallback=fallback, reason=reason,
+            fallback=fallback, reason=reason, lexical_gate=words_alone,
             aggregator=self.recruiter.aggregator(profiles, experts, recruited),
             level1=[ExpertChoice(name=n, score=round(p1.get(n, 0.0), 4)) for n, _ in
                     sorted(p1.items(), key=lambda t: (-t[1], order[t[0]]))[:CANDIDATES]] if p1 else [],

@@ -119,11 +119,13 @@ def test_gated_questions_are_not_embedded_and_get_the_full_classifiers_category(
     gated, seen = _router(cfg, lexical_gate=True)
     full, seen_full = _router(cfg)  # the default: off
     with_gate, without = _route(gated, cfg, questions), _route(full, cfg, questions)
-    alone = [d for d in with_gate if "lexical gate" in d.reason]
+    alone = [d for d in with_gate if d.lexical_gate]
     assert alone and len(alone) < len(questions)  # the words decide some, not all
+    assert all("lexical gate" in d.reason for d in alone) and not any(d.lexical_gate for d in without)
+    assert all("lexical gate" not in d.reason for d in with_gate if not d.lexical_gate)
     assert len(seen.texts) == len(questions) - len(alone) and len(seen_full.texts) == len(questions)
-    assert not set(seen.texts) & {q for q, d in zip(questions, with_gate, strict=True) if "lexical gate" in d.reason}
-    agree = sum(a.category == b.category for a, b in zip(with_gate, without, strict=True) if "lexical gate" in a.reason)
+    assert not set(seen.texts) & {q for q, d in zip(questions, with_gate, strict=True) if d.lexical_gate}
+    agree = sum(a.category == b.category for a, b in zip(with_gate, without, strict=True) if a.lexical_gate)
     assert agree >= GATE_AGREEMENT * len(alone) - 1  # the fit's promise, on rows it trained on: at most one off
     for d in alone:  # no vector, so no skills; still a calibrated probability and a normal decision
         assert d.skills == [] and d.confidence is not None and 0 < d.confidence <= 1 and d.experts
@@ -132,12 +134,12 @@ def test_gated_questions_are_not_embedded_and_get_the_full_classifiers_category(
 def test_a_conversation_is_gated_only_when_every_turn_is(fitted: tuple[RegistryConfig, list[str]]) -> None:
     cfg, questions = fitted
     router, seen = _router(cfg, lexical_gate=True)
-    sure = next(q for q, d in zip(questions, _route(router, cfg, questions), strict=True) if "lexical gate" in d.reason)
+    sure = next(q for q, d in zip(questions, _route(router, cfg, questions), strict=True) if d.lexical_gate)
     seen.texts.clear()
     messages = [{"role": "user", "content": "Hmm, and what about that?"}, {"role": "assistant", "content": "..."},
                 {"role": "user", "content": sure}]
     d = asyncio.run(router.route(RouteRequest(messages=messages), cfg.experts))
-    if "lexical gate" in d.reason:  # the vague turn could be sure too; then nothing was embedded
+    if d.lexical_gate:  # the vague turn could be sure too; then nothing was embedded
         assert seen.texts == []
     else:
         assert sure in seen.texts
@@ -152,7 +154,7 @@ def test_measured_profiles_need_the_vector_so_nothing_is_gated(
         tmp_path / "profiles.json")
     router, seen = _router(cfg, lexical_gate=True, profiles=tmp_path / "profiles.json")
     decisions = _route(router, cfg, questions[:40])
-    assert len(seen.texts) == 40 and not any("lexical gate" in d.reason for d in decisions)
+    assert len(seen.texts) == 40 and not any(d.lexical_gate for d in decisions)
     assert any(d.skills for d in decisions)
 
 
@@ -182,5 +184,5 @@ def test_with_the_annotator_a_gated_decision_still_gets_its_skills(fitted: tuple
     skills = cfg.router.skills.model_copy(update={"mode": "annotator", "annotator": "math", "samples": 1,
                                                   "min_count": 1})
     router, _ = _router(cfg, scripted_annotator, lexical_gate=True, skills=skills)
-    alone = [d for d in _route(router, cfg, questions[::15]) if "lexical gate" in d.reason]
+    alone = [d for d in _route(router, cfg, questions[::15]) if d.lexical_gate]
     assert alone and all(set(d.skills) == {"calculus", "algebra"} for d in alone)
