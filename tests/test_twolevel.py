@@ -144,6 +144,31 @@ def test_extra_data_is_fitted_on_resolved_next_to_the_yaml_and_part_of_the_finge
         ensure_classifier(load_registry(tmp_path / "experts.yaml"), shared_embedder("onnx"))
 
 
+def test_the_mmlu_examples_extra_data_is_real_sourced_text_and_the_code_is_what_its_rule_gives(
+        tmp_path: Path) -> None:
+    """The example's extra training data is real public text: every line names its source and licence, and
+    the standard-library functions are exactly what ``make_code_snippets.py``'s fixed rule takes (nothing
+    picked or edited by hand; the rule reads CPython 3.11.7's ``Lib/``, which CI runs)."""
+    import importlib.util
+    import sys
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "mmlu"
+    cfg = load_registry(example / "experts.yaml")
+    assert [p.name for p in cfg.router.extra_data] == ["chat_coding.jsonl", "code_snippets.jsonl"]
+    for path in cfg.router.extra_data:
+        lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        assert lines and all(x["labels"]["subcategory"] == "computer science" for x in lines)
+        assert all(x["source"].endswith(")") and "(" in x["source"] for x in lines)  # "... (LICENCE)"
+    if sys.version_info[:3] != (3, 11, 7):
+        pytest.skip("the committed functions were taken from CPython 3.11.7's standard library")
+    spec = importlib.util.spec_from_file_location("make_code_snippets", example / "make_code_snippets.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(tmp_path / "again.jsonl") == 0
+    assert (tmp_path / "again.jsonl").read_bytes() == (example / "code_snippets.jsonl").read_bytes()
+
+
 def test_missing_artifact_with_auto_fit_off_is_a_clear_error(tmp_path: Path) -> None:
     cfg = load_registry(write_fixture(tmp_path, auto_fit=False))
     with pytest.raises(ConfigError, match="auto_fit is off"):
