@@ -106,9 +106,13 @@ BIGBENCH = ROOT.parent / "shared" / "data" / "bigbench_dev.jsonl"
 STUDY = ROOT / "bench" / "router_level1_study.py"
 WORK = Path("/tmp/coe-bench-routing")
 
-TARGET_P50_MS = 10.0
+TARGET_P50_MS = 8.0  # issue 16 (issue 3 had asked for 10)
 TARGET_QPS = 300.0
 TARGET_TOP1 = 0.85
+TARGET_TOP3 = 0.96
+TARGET_OTHER_TOP1 = 0.80
+TARGET_ECE = 0.05
+TARGET_FIT_S = 120.0
 KNN_K = 10
 WARMUP = 20
 
@@ -370,6 +374,31 @@ def mmlu_metrics(decisions: Sequence[RoutingDecision], gold_cats: Sequence[str],
         "top1_if_generalist_first_below": abstain_curve(decisions, gold, expert_of.get("other", "generalist")),
         "per_class": per_class,
     }
+
+
+def issue16_targets(views: dict[str, Any], other: dict[str, Any], fit_report: dict[str, Any],
+                    fit_wall: float) -> dict[str, Any]:
+    """Issue 16's other targets, on this run's sets: top-3, other sources' top-1 (each set apart: the
+    BIG-bench set is mostly questions no specialist covers), ECE, and the fit's time (None when reused)."""
+    def at_least(value: float | None, target: float) -> dict[str, Any]:
+        return {"target": target, "value": value, "met": value is not None and value >= target}
+
+    def at_most(value: float | None, target: float) -> dict[str, Any]:
+        return {"target": target, "value": value, "met": value is not None and value <= target}
+
+    out = {"top3_question_view": at_least(views["question"]["two_level"]["top3"], TARGET_TOP3),
+           "ece_question_view": at_most(views["question"]["two_level"]["ece_category"], TARGET_ECE)}
+    for name, part in other.items():
+        two = part["two_level"]
+        out[f"top1_other_{name}"] = at_least(two["top1"], TARGET_OTHER_TOP1)
+        out[f"ece_other_{name}"] = at_most(two["ece_category"], TARGET_ECE)
+        if two["generalist_questions"]["n"]:
+            out[f"top1_other_{name}_specialists"] = at_least(two["specialist_questions"]["top1"], TARGET_OTHER_TOP1)
+    fitted = not fit_report.get("reused_artifact")
+    out["fit_s"] = {**at_most(round(fit_wall, 1) if fitted else None, TARGET_FIT_S),
+                    "note": "the bench's train split (85% of the example's data), on this run's machine; the issue's "
+                            "2 minutes are for a quiet one"}
+    return out
 
 
 def level2_effect(texts: Sequence[str], two: Sequence[RoutingDecision], one: Sequence[RoutingDecision],
@@ -936,6 +965,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "top1_question_choices_view": {"target": TARGET_TOP1,
                                            "value": views["question_choices"]["two_level"]["top1"],
                                            "met": views["question_choices"]["two_level"]["top1"] >= TARGET_TOP1},
+            **issue16_targets(views, other_out, fit_report, fit_wall),
         },
         "machine": {**machine(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
         "versions": versions(),
