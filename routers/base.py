@@ -38,7 +38,7 @@ class RoutingDecision(BaseModel):
     reason: str = ""
     lexical_gate: bool = Field(
         False, description="level 1 decided from the conversation's words alone (``router.lexical_gate``), "
-        "without embedding it: no skills were matched")
+        "without embedding it, so level 2 matched no skills to an embedding")
     aggregator: str | None = Field(None, description="the expert that composes the recruits' answers")
     level1: list[ExpertChoice] = Field(
         default_factory=list, description="the ranking level 1 alone gives, to show what level 2 changed")
