@@ -250,8 +250,9 @@ class RouterConfig(Strict):
     embedder: str = Field("onnx", description="a name in coe.embed.EMBEDDERS")
     lexical_gate: bool = Field(
         False, description="skip the embedding where the fitted word model alone is sure (99.5% agreement with "
-                           "the full classifier on held-out rows): 2x the throughput on text like the training "
-                           "data, but sure and wrong on text unlike it (code: -11 points); see the README")
+                           "the full classifier on held-out rows): 1.4-2x the throughput on text like the training "
+                           "data, but it can be sure and wrong on text unlike it (code, before the MMLU example "
+                           "had code in its data: -11 points); see the README")
     threshold: float = Field(0.5, ge=0, le=1, description="calibrated confidence below which the generalist joins")
     topic_change: float = Field(
         0.7, ge=0, le=1, description="confidence a new category needs to move a session off its experts")

@@ -14,8 +14,8 @@ text the fitted word model alone is sure of (``CategoryClassifier.lexical_gate``
 is classified without embedding: the embedding is most of a decision's cost, and
 above the gate's threshold the full ensemble agreed with the words on 99.5% of
 held-out rows. Off by default because that agreement holds on text like the
-training data only: on code pasted into the MMLU example the words were sure and
-wrong (``bench/README.md``). Such a result has no vector, so level 2 matches no
+training data only: on pasted code, before the MMLU example had code in its data,
+the words were sure and wrong (``bench/README.md``). Such a result has no vector, so level 2 matches no
 skills for it; a router whose level 2 weighs measured profiles asks for vectors,
 and then every conversation is embedded.
 """
