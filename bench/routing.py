@@ -12,17 +12,19 @@ What it does, in one run
    ``/tmp/coe-bench-routing/artifact``) is fitted on it with ``routers.fit.fit``. The fit report is
    recorded (its ``held_out_top1``/ECE come from the fit's own internal 15% split of the *train*
    split; the numbers below are on the bench's held-out 15%, which the fit never saw).
-2. MMLU held-out. Every held-out line is routed by the two-level router (``routers.make_router``,
-   strategy ``two-level``), by the level-1-only router (strategy ``embedding``, same artifact) and by
-   the two-level router with ``router.lexical_gate`` on (the word model decides alone where it is
-   sure; off by default), in two views: the question alone, and question + lettered choices. Gold
-   expert = the expert whose ``categories`` list the line's subcategory (``other`` -> ``generalist``).
+2. MMLU held-out. Every held-out line is routed by the two-level router as the example ships it
+   (``routers.make_router``, strategy ``two-level``), by the level-1-only router (strategy ``embedding``,
+   same artifact) and by the two-level router with ``router.lexical_gate`` set the other way (on, the
+   word model decides alone where it is sure; the example ships it on, the library's default is off;
+   results key ``two_level_without_gate`` or ``two_level_lexical_gate``), in two views: the question
+   alone, and question + lettered choices. Gold expert = the expert whose ``categories`` list the line's
+   subcategory (``other`` -> ``generalist``).
    top-1 = ``decision.experts[0]`` is gold; top-3 = gold among ``decision.candidates[:3]``; per class too;
    fallback rate; the classifier's own argmax (``decision.category`` == gold). Level 2's effect:
    how often the final first choice differs from ``decision.level1[0]`` and from the level-1-only
    router's first choice (same pool rules, so only level 2 differs), whether that helped or hurt,
    and concrete examples. The lexical gate: the share of decisions the word model made alone, and how
-   many first choices differ from the default router's; on the other sources too.
+   many first choices differ between the gate on and off; on the other sources too.
 3. A confusion matrix of the question-only view (gold rows, first choice columns) as a PNG (Pillow).
 4b. Other sources: ``bench/other_sources.py``, real BIG-bench questions (never MMLU, never fitted on) each
    labelled with the expert whose MMLU subjects cover its task, or ``generalist``. Its ``dev`` half is
@@ -34,7 +36,8 @@ What it does, in one run
    clinical, legal, short queries): top-1/top-3 per style, two-level and level-1-only.
 5. Speed, interleaved so machine noise hits every system alike: one decision at a time
    (``await router.route``; ``--single`` queries, a seeded random sample of the held-out questions,
-   after a warm-up) p50/p99 for the two-level router, the same router with its lexical gate on, a
+   after a warm-up) p50/p99 for the two-level router as shipped, the same with its lexical gate the other
+   way (``two-level-gate-off`` or ``two-level-gate``), a
    plain kNN baseline and the bare embedding of one query; then batched throughput (``route_many`` in batches of
    ``--batch`` over all held-out questions), two rounds in ABCD/DCBA order. kNN baseline: the same
    embedder, a FAISS ``IndexFlatIP`` over the train split's question embeddings, kNN-10 majority vote
@@ -551,10 +554,17 @@ class KnnBaseline:
         return self.votes(self.embedder.encode(list(texts), batch_size=batch_size))
 
 
-async def speed(two: Router, gated: Router, knn: KnnBaseline, embedder: Embedder, texts: Sequence[str],
-                experts: Sequence[ExpertConfig], n_single: int, batch: int, seed: int) -> dict[str, Any]:
+ALT_SPEED = {False: "two-level-gate", True: "two-level-gate-off"}
+ALT_KEYS = {"two_level_lexical_gate": "on", "two_level_without_gate": "off"}
+"""The speed arm's name for the example with its lexical gate set the other way, by the example's setting."""
+
+
+async def speed(two: Router, alt: Router, alt_name: str, knn: KnnBaseline, embedder: Embedder,
+                texts: Sequence[str], experts: Sequence[ExpertConfig], n_single: int, batch: int,
+                seed: int) -> dict[str, Any]:
     """Single decisions interleaved (rotating order per query) on a seeded sample of the held-out
-    questions, then batched rounds over all of them in ABC / CBA order."""
+    questions, then batched rounds over all of them in ABC / CBA order. ``two`` is the example as shipped,
+    ``alt`` (named ``alt_name``) the same with its lexical gate the other way."""
     load_before = os.getloadavg()
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(texts), size=min(n_single + WARMUP, len(texts)), replace=False)
@@ -562,10 +572,10 @@ async def speed(two: Router, gated: Router, knn: KnnBaseline, embedder: Embedder
     cpu0 = cpu_now()
     for t in sample[:WARMUP]:
         await two.route(request(t), experts)
-        await gated.route(request(t), experts)
+        await alt.route(request(t), experts)
         knn.predict([t])
         embedder.encode([t])
-    systems = ["two-level", "two-level-gate", "knn-10", "embed-only"]
+    systems = ["two-level", alt_name, "knn-10", "embed-only"]
     single: dict[str, list[float]] = {s: [] for s in systems}
     for i in range(n_single):
         t = sample[WARMUP + i % (len(sample) - WARMUP)]
@@ -574,8 +584,8 @@ async def speed(two: Router, gated: Router, knn: KnnBaseline, embedder: Embedder
             t0 = time.perf_counter()
             if s == "two-level":
                 await two.route(request(t), experts)
-            elif s == "two-level-gate":
-                await gated.route(request(t), experts)
+            elif s == alt_name:
+                await alt.route(request(t), experts)
             elif s == "knn-10":
                 knn.predict([t])
             else:
@@ -590,8 +600,8 @@ async def speed(two: Router, gated: Router, knn: KnnBaseline, embedder: Embedder
         for part in chunks(texts, batch):
             if s == "two-level":
                 await two.route_many([request(t) for t in part], experts)
-            elif s == "two-level-gate":
-                await gated.route_many([request(t) for t in part], experts)
+            elif s == alt_name:
+                await alt.route_many([request(t) for t in part], experts)
             elif s == "knn-10":
                 knn.predict(part)
             else:  # the same kNN, the embedder padding sub-batches of 8 instead of the whole batch
@@ -610,8 +620,9 @@ async def speed(two: Router, gated: Router, knn: KnnBaseline, embedder: Embedder
         "single_tokens": token_stats(embedder, sample[WARMUP:]),
         "single_note": f"{n_single} queries (a seeded random sample of the held-out questions) after {WARMUP} "
                        "warm-up, one at a time, the four systems interleaved "
-                       "in rotating order; two-level/two-level-gate (the same router with router.lexical_gate "
-                       "on: the word model decides alone where it is sure) go through 'await router.route' "
+                       f"in rotating order; two-level (the example as shipped) and {alt_name} (the same with "
+                       "router.lexical_gate the other way; on, the word model decides alone where it is sure) go "
+                       "through 'await router.route' "
                        "(which hops to a worker thread for the embedding), knn-10 and embed-only are plain calls",
         "batched_qps": {s: {"rounds": v, "mean": round(float(np.mean(v)), 1), "best": max(v)}
                         for s, v in rounds.items()},
@@ -810,11 +821,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if missing:
         print(f"warning: no expert serves {missing}")
 
-    two = make_router(cfg.model_copy(update={"router": cfg.router.model_copy(update={"strategy": "two-level"})}))
-    one = make_router(cfg.model_copy(update={"router": cfg.router.model_copy(update={"strategy": "embedding"})}))
-    # the same two-level router with the lexical gate on (off by default): its speed and its accuracy cost
-    gated = make_router(cfg.model_copy(update={"router": cfg.router.model_copy(
-        update={"strategy": "two-level", "lexical_gate": True})}))
+    def variant(strategy: str, gate: bool) -> Router:
+        return make_router(cfg.model_copy(update={"router": cfg.router.model_copy(
+            update={"strategy": strategy, "lexical_gate": gate})}))
+
+    shipped_gate = cfg.router.lexical_gate
+    two = variant("two-level", shipped_gate)  # the example as shipped
+    one = variant("embedding", shipped_gate)  # the same without level 2
+    # the same two-level router with the lexical gate set the other way: what the gate costs and saves
+    alt = variant("two-level", not shipped_gate)
+    alt_key = "two_level_without_gate" if shipped_gate else "two_level_lexical_gate"
 
     # 2. held-out, two views
     views: dict[str, Any] = {}
@@ -826,21 +842,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         d2 = await route_all(two, texts, cfg.experts)
         s2 = time.perf_counter() - t0
         d1 = await route_all(one, texts, cfg.experts)
-        d0 = await route_all(gated, texts, cfg.experts)
+        d0 = await route_all(alt, texts, cfg.experts)
+        gated_decisions = d2 if shipped_gate else d0
         views[view] = {
             "two_level": mmlu_metrics(d2, gold_cats, expert_of, classes),
             "level1_only": mmlu_metrics(d1, gold_cats, expert_of, classes),
-            "two_level_lexical_gate": mmlu_metrics(d0, gold_cats, expert_of, classes),
-            "lexical_gate": {"decided_by_words": rate([d.lexical_gate for d in d0]),
-                             "first_choice_differs_from_default": sum(
+            alt_key: mmlu_metrics(d0, gold_cats, expert_of, classes),
+            "lexical_gate": {"shipped": shipped_gate,
+                             "decided_by_words": rate([d.lexical_gate for d in gated_decisions]),
+                             "first_choice_differs_between_gate_on_and_off": sum(
                                  a.experts[0].name != b.experts[0].name for a, b in zip(d2, d0, strict=True))},
             "level2_effect": level2_effect(texts, d2, d1, gold_cats, expert_of),
             "routing_seconds_two_level": round(s2, 2),
         }
         print(f"{view}: two-level top-1 {views[view]['two_level']['top1']:.3f} top-3 "
               f"{views[view]['two_level']['top3']:.3f}; level-1 only top-1 {views[view]['level1_only']['top1']:.3f}; "
-              f"gate on {views[view]['two_level_lexical_gate']['top1']:.3f} (the words decided "
-              f"{views[view]['lexical_gate']['decided_by_words']:.0%})")
+              f"gate {'off' if shipped_gate else 'on'} {views[view][alt_key]['top1']:.3f} (with the gate on, the "
+              f"words decided {views[view]['lexical_gate']['decided_by_words']:.0%})")
         if view == "question":
             decisions_q["two"], decisions_q["one"], texts_q = d2, d1, texts
     with (WORK / "decisions-question.jsonl").open("w", encoding="utf-8") as f:
@@ -885,12 +903,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         o2 = await route_all(two, [r["text"] for r in rs], cfg.experts)
         o1 = await route_all(one, [r["text"] for r in rs], cfg.experts)
-        og = await route_all(gated, [r["text"] for r in rs], cfg.experts)
+        og = await route_all(alt, [r["text"] for r in rs], cfg.experts)
         other_out[split] = {"two_level": other_metrics(o2, rs, cat_of, generalist),
                             "level1_only": other_metrics(o1, rs, cat_of, generalist),
-                            "two_level_lexical_gate": {**other_metrics(og, rs, cat_of, generalist),
-                                                       "decided_by_words": rate([d.lexical_gate
-                                                                                 for d in og])}}
+                            alt_key: other_metrics(og, rs, cat_of, generalist),
+                            "decided_by_words": rate([d.lexical_gate for d in (o2 if shipped_gate else og)])}
 
     # 5. speed, with the kNN baseline built on the train split's questions
     print("kNN baseline: embedding the train split ...")
@@ -918,7 +935,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         cell["knn_10"] = {"top1": rate(hit), "top3": rate((np.argsort(-v, axis=1)[:, :3] == y[:, None]).any(axis=1)),
                           "specialist_top1": rate(hit[spec]), "generalist_top1": rate(hit[~spec])}
     print("speed ...")
-    spd = await speed(two, gated, knn, embedder, texts_q, cfg.experts, args.single, args.batch, args.seed)
+    spd = await speed(two, alt, ALT_SPEED[shipped_gate], knn, embedder, texts_q, cfg.experts, args.single,
+                      args.batch, args.seed)
     spd["knn_baseline"] = {"k": KNN_K, "train_rows": len(train_idx), "index_build_s": round(knn.build_s, 1),
                            "train_embeddings_cached": knn.cached, "held_out": knn_quality}
 
@@ -955,12 +973,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "single_p50_ms": {"target": TARGET_P50_MS, "value": p50, "met": p50 <= TARGET_P50_MS},
             "batched_qps": {"target": TARGET_QPS, "value": qps, "met": qps >= TARGET_QPS,
                             "ratio_to_knn_10": round(qps / spd["batched_qps"]["knn-10"]["mean"], 2)},
-            "batched_qps_lexical_gate": {
-                "target": TARGET_QPS, "value": spd["batched_qps"]["two-level-gate"]["mean"],
-                "met": spd["batched_qps"]["two-level-gate"]["mean"] >= TARGET_QPS,
-                "ratio_to_default": round(spd["batched_qps"]["two-level-gate"]["mean"] / qps, 2),
-                "note": "router.lexical_gate: true, an option; its accuracy cost is in mmlu_held_out and "
-                        "other_sources (two_level_lexical_gate)"},
+            f"batched_qps_{alt_key.removeprefix('two_level_')}": {
+                "target": TARGET_QPS, "value": spd["batched_qps"][ALT_SPEED[shipped_gate]]["mean"],
+                "met": spd["batched_qps"][ALT_SPEED[shipped_gate]]["mean"] >= TARGET_QPS,
+                "ratio_to_shipped": round(spd["batched_qps"][ALT_SPEED[shipped_gate]]["mean"] / qps, 2),
+                "note": f"the example with router.lexical_gate: {str(not shipped_gate).lower()}; its accuracy is "
+                        f"in mmlu_held_out and other_sources ({alt_key})"},
             "top1_question_view": {"target": TARGET_TOP1, "value": top1, "met": top1 >= TARGET_TOP1},
             "top1_question_choices_view": {"target": TARGET_TOP1,
                                            "value": views["question_choices"]["two_level"]["top1"],
@@ -1004,11 +1022,12 @@ def print_summary(r: dict[str, Any], out: Path) -> None:
         if not isinstance(o, dict):
             continue
         t, one, k = o["two_level"], o["level1_only"], o.get("knn_10", {})
-        gate = o["two_level_lexical_gate"]
+        alt_key = next(key for key in ALT_KEYS if key in o)
+        gate, way = o[alt_key], ALT_KEYS[alt_key]
         if not t["generalist_questions"]["n"]:  # the code set: all one specialist
             print(f"other sources {split} ({t['n']}): two-level top-1 {t['top1']:.3f} top-3 {t['top3']:.3f}; "
-                  f"level-1 only {one['top1']:.3f}; kNN-10 {k.get('top1', float('nan')):.3f}; gate on "
-                  f"{gate['top1']:.3f} (the words decided {gate['decided_by_words']:.0%})")
+                  f"level-1 only {one['top1']:.3f}; kNN-10 {k.get('top1', float('nan')):.3f}; gate {way} "
+                  f"{gate['top1']:.3f} (with the gate on, the words decided {o['decided_by_words']:.0%})")
             continue
         print(f"other sources {split} ({t['n']}): two-level top-1 {t['top1']:.3f} top-3 {t['top3']:.3f} "
               f"ECE {t['ece_category']}; level-1 only {one['top1']:.3f}; kNN-10 {k.get('top1', float('nan')):.3f}; "
@@ -1016,12 +1035,14 @@ def print_summary(r: dict[str, Any], out: Path) -> None:
               f"(kNN {k.get('specialist_top1', float('nan')):.3f}); generalist's ({t['generalist_questions']['n']}) "
               f"abstained {t['generalist_questions']['abstained']:.3f}, first {t['generalist_questions']['top1']:.3f}")
         print(f"{'':13} top-1 if the generalist went first below confidence t: "
-              f"{t['top1_if_generalist_first_below']}; gate on: top-1 {gate['top1']:.3f} (the words decided "
-              f"{gate['decided_by_words']:.0%})")
+              f"{t['top1_if_generalist_first_below']}; gate {way}: top-1 {gate['top1']:.3f} (with the gate on, the "
+              f"words decided {o['decided_by_words']:.0%})")
     s = r["speed"]
-    for name in ("two-level", "two-level-gate", "knn-10", "embed-only", "knn-10-encode-batch-8"):
+    for name in ("two-level", *ALT_SPEED.values(), "knn-10", "embed-only", "knn-10-encode-batch-8"):
         one = s["single"].get(name)
         qps = s["batched_qps"].get(name)
+        if one is None and qps is None:  # the gate arm this run did not have
+            continue
         print(f"speed {name:10}"
               + (f" single p50 {one['p50_ms']:.2f} ms p99 {one['p99_ms']:.2f} ms" if one else "")
               + (f"; batched {qps['mean']:.0f} q/s {qps['rounds']}" if qps else ""))

@@ -66,6 +66,20 @@ def test_no_gate_where_the_sure_words_disagree_or_too_few_rows_are_sure() -> Non
     assert gate is None
 
 
+def test_an_overconfident_word_model_is_gated_above_099() -> None:
+    """A word model fitted with little regularization is sure of many rows, and still wrong on some at 0.99 (the
+    MMLU example's, fitted on all its data): the threshold is then looked for above 0.99 too."""
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 600)
+    ens = _logits(y, [0.9] * 600)
+    surest = np.arange(600) < 200  # right on every one of these
+    wrong = ~surest & (rng.random(600) < 0.05)  # about 20 of the other 400: 3% of the rows sure at 0.992
+    zt = _logits(np.where(wrong, (y + 1) % 3, y), np.where(surest, 0.9995, 0.992))
+    gate, report = fit_gate(zt, ens, 1.0, y)
+    assert gate is not None and 0.99 < gate.threshold <= 0.9995
+    assert report["accepted"] == pytest.approx(200 / 600, abs=1e-3) and report["agreement"] == 1.0
+
+
 class CountingEmbedder(Embedder):
     """The real embedder, counting the texts it is asked to embed (to see which ones the gate skipped)."""
 
