@@ -116,6 +116,8 @@ def summary(records: Sequence[dict[str, Any]], seconds: float) -> str:
         tops[name] = tops.get(name, 0) + 1
     latencies = sorted(r["latency_ms"] for r in records)
     fallbacks = sum(1 for r in records if r["fallback"])
+    gated = sum(1 for r in records if r.get("lexical_gate"))  # shown only where the gate is on and decided some
     by_expert = ", ".join(f"{k} {v}" for k, v in sorted(tops.items(), key=lambda kv: -kv[1]))
     return (f"routed {n} queries in {seconds:.2f}s ({n / seconds if seconds else 0:.0f}/s); "
-            f"fallback {fallbacks}; latency p50 {latencies[n // 2]:.2f} ms; first choice: {by_expert}")
+            f"fallback {fallbacks}; " + (f"decided by the words alone {gated}; " if gated else "")
+            + f"latency p50 {latencies[n // 2]:.2f} ms; first choice: {by_expert}")

@@ -80,6 +80,17 @@ def test_an_overconfident_word_model_is_gated_above_099() -> None:
     assert report["accepted"] == pytest.approx(200 / 600, abs=1e-3) and report["agreement"] == 1.0
 
 
+def test_coe_routes_summary_counts_the_decisions_the_words_made_alone() -> None:
+    from routers.decisions import summary
+
+    def rec(gated: bool) -> dict[str, Any]:
+        return {"experts": [{"name": "law", "score": 0.9}], "latency_ms": 1.0, "fallback": False,
+                "lexical_gate": gated}
+
+    assert "decided by the words alone 2;" in summary([rec(True), rec(False), rec(True)], 1.0)
+    assert "words alone" not in summary([rec(False), rec(False)], 1.0)  # the gate off, or it decided nothing
+
+
 class CountingEmbedder(Embedder):
     """The real embedder, counting the texts it is asked to embed (to see which ones the gate skipped)."""
 
