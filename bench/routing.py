@@ -555,8 +555,9 @@ class KnnBaseline:
 
 
 ALT_SPEED = {False: "two-level-gate", True: "two-level-gate-off"}
-ALT_KEYS = {"two_level_lexical_gate": "on", "two_level_without_gate": "off"}
 """The speed arm's name for the example with its lexical gate set the other way, by the example's setting."""
+ALT_KEYS = {"two_level_lexical_gate": "on", "two_level_without_gate": "off"}
+"""The results key of that arm's accuracy, and which way its gate is."""
 
 
 async def speed(two: Router, alt: Router, alt_name: str, knn: KnnBaseline, embedder: Embedder,
