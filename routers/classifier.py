@@ -15,7 +15,7 @@ what it says. ``routers.fit`` builds it.
 
 The lexical gate: the word model costs microseconds, the embedding milliseconds,
 and where the word model alone is very sure the ensemble almost never disagrees
-(on the MMLU example: a sixth to a third of the questions, the long ones). So the fit
+(on the MMLU example: a sixth to a fifth of the questions, the long ones). So the fit
 records the lowest word-model confidence at which its held-out choices agree
 with the ensemble's at least ``routers.fit.GATE_AGREEMENT`` of the time, and a
 temperature for those rows; above it, ``lexical_gate`` decides without embedding
