@@ -531,6 +531,12 @@ def ensure_classifier(cfg: RegistryConfig, embedder: Embedder, *,
     if current is not None and current.meta.get("fingerprint") == expected(current):
         return current
     if not cfg.router.auto_fit:
+        fitted_with = current.meta.get("embedder") if current is not None else None
+        if fitted_with is not None and fitted_with != embedder_id(embedder):
+            # Not merely stale: its linear head and kNN index hold another encoder's vectors.
+            raise ConfigError([f"router.artifact: {folder} was fitted on the embedder {fitted_with!r}, and "
+                               f"router.embedder is now {embedder_id(embedder)!r}; auto_fit is off: run "
+                               f"'coe router fit --config FILE'"])
         if current is not None:
             log.warning("router artifact %s is stale (data or descriptions changed); auto_fit is off", folder)
             return current

@@ -120,6 +120,30 @@ def test_a_loaded_artifact_is_reused_and_a_changed_data_file_makes_it_stale(tmp_
     assert refit.meta["fingerprint"] != first.meta["fingerprint"] and refit.meta["fit"]["examples"] == 201
 
 
+def test_the_int8_encoder_cut_at_128_tokens_fits_and_routes_and_its_artifact_is_never_read_with_another(
+        tmp_path: Path) -> None:
+    """The MMLU example routes with ``embedder: onnx-int8-128`` (about 2.3x the batched throughput of fp32,
+    bench/README.md). The whole router fits and routes on it; an artifact fitted on one encoder holds that
+    encoder's vectors, so with ``auto_fit`` off it is refused under another, not served as merely stale."""
+    cfg = load_registry(write_fixture(tmp_path, embedder="onnx-int8-128"))
+    router = make_router(cfg)
+    assert isinstance(router, TwoLevelRouter)
+    meta = json.loads((tmp_path / ".coe/router/meta.json").read_text())
+    assert meta["embedder"].startswith("all-MiniLM-L6-v2:onnx-int8:128:")
+    assert meta["fit"]["held_out_top1"] > 0.7
+    cases = {"What is the derivative of x^3 + 2x?": "math", "Is a contract signed under duress enforceable?": "law",
+             "Who won the Battle of Hastings?": "history"}
+    for question, expert in cases.items():
+        assert ask(router, cfg, question).experts[0].name == expert, question
+    fp32 = cfg.router.model_copy(update={"embedder": "onnx", "auto_fit": False})
+    with pytest.raises(ConfigError, match=r"fitted on the embedder 'all-MiniLM-L6-v2:onnx-int8:128:.*"
+                                          r"router\.embedder is now 'all-MiniLM-L6-v2:onnx:"):
+        ensure_classifier(cfg.model_copy(update={"router": fp32}), shared_embedder("onnx"))
+    refit = ensure_classifier(cfg.model_copy(update={"router": fp32.model_copy(update={"auto_fit": True})}),
+                              shared_embedder("onnx"))
+    assert refit.meta["embedder"].startswith("all-MiniLM-L6-v2:onnx:")
+
+
 def test_extra_data_is_fitted_on_resolved_next_to_the_yaml_and_part_of_the_fingerprint(tmp_path: Path) -> None:
     """router.extra_data: more labelled files in data's format (e.g. questions phrased the way users ask)."""
     chat = [f"can you write a {what} in {lang}?" for what in ("linked list", "web server", "unit test", "parser")
