@@ -52,8 +52,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("coe.routers.fit")
 
-FIT_VERSION = 6  # 3: the linear heads fitted by scikit-learn; the held-out confusion matrix kept; 4: the lexical gate;
-# 5: the heads stop after LBFGS_ITERATIONS; 6: the gate's thresholds go above 0.99
+FIT_VERSION = 7  # 3: the linear heads fitted by scikit-learn; the held-out confusion matrix kept; 4: the lexical gate;
+# 5: the heads stop after LBFGS_ITERATIONS; 6: the gate's thresholds go above 0.99;
+# 7: the word model also reads runs of symbols
 """Part of the fingerprint: bump when the recipe changes, so old artifacts are refitted."""
 ANCHOR_WEIGHT = 5.0
 LAMBDAS = (1e-4, 3e-5, 1e-5)

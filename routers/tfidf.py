@@ -1,8 +1,11 @@
 """Word 1–2-gram TF-IDF features: the lexical member of the level-1 ensemble.
 
 Embeddings blur rare but decisive words ("warfarin", "tort", "stoichiometry");
-a sparse lexical model keeps them. Sublinear term frequency, smoothed IDF, L2
-rows. Stored as JSON (vocabulary) plus a NumPy IDF vector.
+a sparse lexical model keeps them. Runs of two or more symbols (a docstring's triple
+quotes, ``>>>``, ``->``, ``):``) are terms too: pasted code is told by its punctuation more than by
+its words, which may be a maths question's; single marks stay out, prose is full
+of them. Sublinear term frequency, smoothed IDF, L2 rows. Stored as JSON
+(vocabulary) plus a NumPy IDF vector.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-TOKEN_RE = re.compile(r"[a-z0-9]+")
+TOKEN_RE = re.compile(r"[a-z0-9]+|[^\sa-z0-9]{2,}")
 
 
 def ngrams(text: str) -> list[str]:
