@@ -520,23 +520,24 @@ def ensure_classifier(cfg: RegistryConfig, embedder: Embedder, *,
     folder = cfg.router.artifact
     assert folder is not None, "the loader sets router.artifact"
     current = _load(folder)
+    wanted = embedder_id(embedder)
 
     def expected(clf: CategoryClassifier | None) -> str:
         data = cfg.router.data
         recorded = clf.meta.get("data") if clf is not None else None
         if data is None and recorded and Path(recorded).exists():  # fitted by 'coe router fit --data'
             return fingerprint(cfg.model_copy(update={"router": cfg.router.model_copy(
-                update={"data": Path(recorded)})}), embedder_id(embedder))
-        return fingerprint(cfg, embedder_id(embedder))
+                update={"data": Path(recorded)})}), wanted)
+        return fingerprint(cfg, wanted)
 
     if current is not None and current.meta.get("fingerprint") == expected(current):
         return current
     if not cfg.router.auto_fit:
         fitted_with = current.meta.get("embedder") if current is not None else None
-        if fitted_with is not None and fitted_with != embedder_id(embedder):
+        if fitted_with is not None and fitted_with != wanted:
             # Not merely stale: its linear head and kNN index hold another encoder's vectors.
             raise ConfigError([f"router.artifact: {folder} was fitted on the embedder {fitted_with!r}, and "
-                               f"router.embedder is now {embedder_id(embedder)!r}; auto_fit is off: run "
+                               f"router.embedder is now {wanted!r}; auto_fit is off: run "
                                f"'coe router fit --config FILE'"])
         if current is not None:
             log.warning("router artifact %s is stale (data or descriptions changed); auto_fit is off", folder)
