@@ -322,7 +322,8 @@ ABSTAIN_AT = (0.2, 0.3, 0.4, 0.5)
 
 def abstain_curve(decisions: Sequence[RoutingDecision], gold: Sequence[str], generalist: str) -> dict[str, float]:
     """What top-1 would be if the generalist went *first* whenever level 1's confidence is below t
-    (today it is appended after the specialists): a calibrated abstention, read off the same decisions."""
+    (today it joins unsure decisions ranked by its own score): a calibrated abstention, read off the same
+    decisions."""
     out = {}
     for t in ABSTAIN_AT:
         first = [generalist if d.confidence is not None and d.confidence < t else
@@ -442,7 +443,7 @@ def level2_effect(texts: Sequence[str], two: Sequence[RoutingDecision], one: Seq
         "first_choice_differs_from_decision_level1": vs_ranking,
         "of_which_not_level2": vs_ranking_not_l2,
         "note_not_level2": "first choice != decision.level1[0] while the level-1-only router agrees with the "
-                           "two-level one: the pool rule (below threshold the generalist only joins last), "
+                           "two-level one: the pool rule (below threshold every specialist is a candidate), "
                            "not level 2, moved it",
         "first_choice_differs_from_level1_only_router": len(changed),
         "helped": helped, "hurt": hurt, "neither_right": neither,

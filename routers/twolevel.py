@@ -12,9 +12,11 @@ For each request:
    profile is synthetic: those restate the declarations level 1 was fitted on.
 4. k adapts to difficulty, from ``k_min`` (confident level 1, strong skill match)
    to ``k_max`` (level 1 at or below its threshold, no skill match).
-5. When level 1 is unsure, the specialists stay first and the generalist is
-   appended (``fallback: true``). A session keeps its experts until a new
-   category reaches ``router.topic_change``.
+5. When level 1 is unsure, the generalist joins the recruited specialists
+   (``fallback: true``), ranked by its own score like them: first where level 1's
+   best guess is the generalist's category, after the likelier specialists
+   otherwise. The list is always best first. A session keeps its experts until a
+   new category reaches ``router.topic_change``.
 
 Where level 1's lexical gate decides a conversation from its words alone (no
 embedding, ``routers.level1``), level 2 has no vector to match skills with, so k
@@ -156,7 +158,11 @@ class TwoLevelRouter(Router):
             recruited.sort(key=lambda n: (-score[n], order[n]))
         fallback = not confident and generalist is not None
         if fallback and generalist not in recruited:
+            # The generalist joins with its own score, so it leads where level 1's best guess is its
+            # category: behind three less likely specialists, it was first on 6% of BIG-bench's
+            # generalist questions; in its place, 14% (bench/README.md, issue 16).
             recruited.append(str(generalist))
+            recruited.sort(key=lambda n: (-score[n], order[n]))
         reason = self._reason(category, confidence, confident, skills, k, beta, use_level2, measured)
         if words_alone:
             reason = f"{reason}; decided from the words alone (lexical gate)"

@@ -27,11 +27,14 @@ ROOT = Path(__file__).resolve().parent.parent
 CATEGORIES = ["computer science", "math", "health", "law", "history"]
 
 
-def write_fixture(folder: Path, per_category: int = 40, **router: Any) -> Path:
+def write_fixture(folder: Path, per_category: int = 40, generalist_category: str | None = None,
+                  **router: Any) -> Path:
+    """``generalist_category`` (MMLU's ``other``, as the example has it) gives the generalist a category of its
+    own; without it, the generalist serves none and only ever joins unsure decisions."""
     rows = [json.loads(line) for line in (ROOT / "examples/mmlu/mmlu_dev.jsonl").read_text().splitlines()]
     rng = random.Random(0)
     picked = []
-    for c in CATEGORIES:
+    for c in CATEGORIES + ([generalist_category] if generalist_category else []):
         of_c = [r for r in rows if r["labels"]["subcategory"] == c]
         rng.shuffle(of_c)
         picked += of_c[:per_category]
@@ -42,7 +45,8 @@ def write_fixture(folder: Path, per_category: int = 40, **router: Any) -> Path:
                       skills=["programming", "algorithms"])
     experts[1].update(skills=["calculus", "algebra"])
     experts[2].update(skills=["pharmacology"])
-    experts.append({"name": "generalist", "backend": "b", "model": "m"})
+    experts.append({"name": "generalist", "backend": "b", "model": "m",
+                    **({"categories": [generalist_category]} if generalist_category else {})})
     cfg = folder / "experts.yaml"
     cfg.write_text(yaml.safe_dump({
         "backends": {"b": {"url": "http://127.0.0.1:9/v1"}},  # never contacted: routing calls no expert
@@ -236,6 +240,25 @@ def test_an_unsure_query_keeps_specialists_first_and_appends_the_generalist(
         d = ask(router, cfg, question)  # the rule holds whatever the confidence
         assert d.fallback == (d.confidence < cfg.router.threshold)
         assert ("generalist" in d.names()) == d.fallback
+
+
+def test_an_unsure_query_whose_best_guess_is_the_generalists_category_goes_to_the_generalist_first(
+        tmp_path: Path) -> None:
+    """Level 1 is calibrated, so where its best guess is the generalist's category, the generalist is the
+    likeliest right expert even below the threshold. It used to be appended behind every specialist."""
+    cfg = load_registry(write_fixture(tmp_path, generalist_category="other"))
+    router = make_router(cfg)
+    assert isinstance(router, TwoLevelRouter)
+    led = 0
+    for question in ("Good morning", "Good afternoon", "What is the capital of Australia?", "How are you today?",
+                     "Tell me a joke about cats.", "Which colour of tulip do you like best?", "Good evening"):
+        d = ask(router, cfg, question)
+        scores = [e.score for e in d.experts]
+        assert scores == sorted(scores, reverse=True), (question, d.experts)  # best first, always
+        if d.fallback and d.category == "other":
+            assert d.experts[0].name == "generalist", (question, d.experts)
+            led += 1
+    assert led >= 2  # the case is exercised, not assumed
 
 
 def test_routing_reads_the_conversation_not_only_the_last_message(
