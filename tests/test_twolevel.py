@@ -228,7 +228,7 @@ def test_queries_go_to_their_category_experts(router: TwoLevelRouter, cfg: Regis
         assert d.aggregator in [e.name for e in d.experts]
 
 
-def test_an_unsure_query_keeps_specialists_first_and_appends_the_generalist(
+def test_an_unsure_query_keeps_specialists_first_and_appends_a_generalist_that_serves_no_category(
         router: TwoLevelRouter, cfg: RegistryConfig) -> None:
     d = ask(router, cfg, "Can you explain that more simply?")
     assert d.confidence < cfg.router.threshold and d.fallback
