@@ -154,15 +154,13 @@ class TwoLevelRouter(Router):
         recruited = self.recruiter.select(in_pool, k)
         if len(recruited) < k:  # the category has fewer experts than k: next best specialists
             recruited += [n for n, _ in ranked(specialists) if n not in recruited][: k - len(recruited)]
-            # who is recruited is decided (the category's experts first); the list is best first by score
-            recruited.sort(key=lambda n: (-score[n], order[n]))
         fallback = not confident and generalist is not None
         if fallback and generalist not in recruited:
-            # The generalist joins with its own score, so it leads where level 1's best guess is its
-            # category: behind three less likely specialists, it was first on 6% of BIG-bench's
-            # generalist questions; in its place, 14% (bench/README.md, issue 16).
             recruited.append(str(generalist))
-            recruited.sort(key=lambda n: (-score[n], order[n]))
+        # Who is recruited is decided (the category's experts first, top-k or sampled); the list is best first by
+        # score, the generalist included: it leads where level 1's best guess is its category (first on 14% of
+        # BIG-bench's generalist questions, against 6% when it was appended last; bench/README.md, issue 16).
+        recruited.sort(key=lambda n: (-score[n], order[n]))
         reason = self._reason(category, confidence, confident, skills, k, beta, use_level2, measured)
         if words_alone:
             reason = f"{reason}; decided from the words alone (lexical gate)"

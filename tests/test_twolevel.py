@@ -340,7 +340,10 @@ def test_seeded_sampling_is_reproducible(cfg: RegistryConfig) -> None:
     for _ in range(2):
         router = make_router(sampled)
         assert isinstance(router, TwoLevelRouter)
-        runs.append([ask(router, sampled, q).names() for q in ("What is 15% of 240?", "Who was Charlemagne?")])
+        decisions = [ask(router, sampled, q) for q in ("What is 15% of 240?", "Who was Charlemagne?")]
+        for d in decisions:  # drawn in proportion to score, listed best first like any decision
+            assert [e.score for e in d.experts] == sorted((e.score for e in d.experts), reverse=True), d.experts
+        runs.append([d.names() for d in decisions])
     assert runs[0] == runs[1]
 
 
